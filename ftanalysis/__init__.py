@@ -1,0 +1,20 @@
+"""ftanalysis: what does fine-tuning do to a neural network?
+
+Fine-tuning methods behind one API, probes of weight and activation changes, and the notebooks that use them.
+
+>>> import ftanalysis as fta
+>>> model, tok = fta.zoo.load("gpt2-tiny")
+>>> task = fta.tasks.make("modular_arithmetic", op="-")
+>>> result = fta.finetune(model, tok, task, fta.methods.LoRA(r=4), steps=2, lr=1e-3, progress=False)
+>>> ft = result.merged_model()
+"""
+
+from __future__ import annotations
+
+from . import methods, nn, tasks, zoo
+from .train import FinetuneResult, choose_device, finetune
+from .zoo.loading import load_model
+
+__version__ = "0.1.0"
+
+__all__ = ["FinetuneResult", "choose_device", "finetune", "load_model", "methods", "nn", "tasks", "zoo", "__version__"]

@@ -1,0 +1,42 @@
+"""Fine-tuning methods behind one API: ``method.apply(model)``, ``method.merge(model)``.
+
+>>> import ftanalysis as fta
+>>> sorted(fta.methods.available())[:2]
+['full', 'lora']
+"""
+
+from __future__ import annotations
+
+from .base import Method
+from .full import Full
+from .lora import LoRA, LoRALayer
+from .targets import resolve_targets
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class to the registry under ``cls.name`` (its paper URL is ``cls.paper``)."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"A method named {cls.name!r} is already registered.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+for _cls in (Full, LoRA):
+    register(_cls)
+
+
+def available() -> dict[str, str]:
+    """``{name: paper URL}`` of every registered method."""
+    return {name: cls.paper for name, cls in sorted(_REGISTRY.items())}
+
+
+def get(name: str) -> type[Method]:
+    """The method class registered under ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown method {name!r}. Available: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+__all__ = ["Full", "LoRA", "LoRALayer", "Method", "available", "get", "register", "resolve_targets"]

@@ -1,0 +1,60 @@
+"""Procedural tasks with exact answers over one shared word-level vocabulary.
+
+>>> import ftanalysis as fta
+>>> task = fta.tasks.make("entity_tracking", n_boxes=3, seed=0)
+>>> ex = task.examples(1, split="test")[0]
+>>> ex.prompt.endswith("contains the")
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .arithmetic import ModularArithmetic
+from .base import SPLITS, Example, Task, answer_loss, collate, score_examples, split_of
+from .copying import Copy, Reverse
+from .counting import Counting
+from .entity_tracking import EntityTracking
+from .facts import Facts
+from .mixture import Mixture, PretrainingMix
+from .recall import AssociativeRecall
+from .vocab import VOCAB, build_tokenizer
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Add a task class to the registry under ``cls.name`` (usable as a decorator)."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"A task named {cls.name!r} is already registered.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+for _cls in (EntityTracking, AssociativeRecall, ModularArithmetic, Counting, Copy, Reverse, Facts, PretrainingMix):
+    register(_cls)
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`make`."""
+    return sorted(_REGISTRY)
+
+
+def make(name: str, seed: int = 0, **options) -> Task:
+    """Build a registered task by name, e.g. ``make("entity_tracking", n_boxes=5, seed=1)``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown task {name!r}. Available tasks: {available()}.")
+    cls = _REGISTRY[name]
+    accepted = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "seed"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"Task {name!r} got unknown option(s) {unknown}. Accepted options: {accepted}.")
+    return cls(seed=seed, **options)
+
+
+__all__ = [
+    "SPLITS", "VOCAB", "AssociativeRecall", "Copy", "Counting", "EntityTracking", "Example", "Facts", "Mixture",
+    "ModularArithmetic", "PretrainingMix", "Reverse", "Task", "answer_loss", "available", "build_tokenizer",
+    "collate", "make", "register", "score_examples", "split_of",
+]

@@ -1,0 +1,356 @@
+"""One compact training loop for every fine-tuning method: ``fta.finetune``.
+
+The loop is deliberately plain (in the spirit of nanoGPT's ``train.py``): draw batch ``t`` of the task's
+seeded stream, compute the loss on the answer tokens, let the method take its step (AdamW by default; a
+zeroth-order method brings its own), evaluate every ``eval_every`` steps into a history table, and save a
+checkpoint every ``checkpoint_every`` steps. Because batch ``t`` is a pure function of (task, seed, t) and
+the optimiser and random-number states are saved, a run resumed from a checkpoint gives the same numbers as
+an uninterrupted one (on CPU).
+
+Methods customise the loop through small hooks on :class:`ftanalysis.methods.Method` (``before_step``,
+``training_step``, ``after_step``), not through flags here.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ._validation import check_float, check_int, check_option
+from .tasks.base import Task, answer_loss, check_model_tokenizer
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def choose_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, or the best available one: CUDA, then Apple MPS, then CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def learning_rate(step: int, steps: int, lr: float, warmup_steps: int, schedule: str) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    if schedule == "linear":
+        return lr * (1 - progress)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    """What the loop hands to a method's hooks at every step."""
+
+    step: int
+    steps: int
+    lr: float
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    seed: int
+
+
+@dataclass
+class FinetuneResult:
+    """The outcome of :func:`finetune`.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The trained model as the method left it (adapter modules in place for LoRA and friends).
+    method : Method
+        The method configuration used.
+    history : pandas.DataFrame
+        One row per evaluation: ``step``, ``train_loss`` (mean since the previous row), ``val_accuracy``,
+        ``val_loss`` and ``<name>/accuracy``, ``<name>/loss`` for every extra evaluation task.
+    """
+
+    model: torch.nn.Module
+    method: object
+    task: Task
+    history: pd.DataFrame
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    seconds: float
+    trainable_parameters: int
+    total_parameters: int
+    device: str
+    peak_memory_bytes: int | None = None
+    extras: dict = field(default_factory=dict)
+
+    def merged_model(self) -> torch.nn.Module:
+        """A plain Hugging Face model of the base architecture with the update folded in (a copy)."""
+        return self.method.merge(self.model, copy=True)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, self.steps)
+
+    def summary(self) -> dict:
+        """Scalars for a comparison table (one row per run)."""
+        last = self.history.iloc[-1].to_dict() if len(self.history) else {}
+        return {
+            "method": repr(self.method),
+            "trainable_parameters": self.trainable_parameters,
+            "trainable_fraction": self.trainable_parameters / max(1, self.total_parameters),
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "seconds_per_step": round(self.seconds_per_step, 4),
+            **{k: v for k, v in last.items() if k != "step"},
+        }
+
+
+def finetune(
+    model: torch.nn.Module,
+    tok,
+    task: Task,
+    method=None,
+    *,
+    steps: int = 500,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    grad_clip: float | None = 1.0,
+    eval_every: int | None = None,
+    eval_n: int = 256,
+    eval_tasks: dict[str, Task] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    copy: bool = True,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``task`` with ``method`` and return a :class:`FinetuneResult`.
+
+    Parameters
+    ----------
+    model, tok : a causal LM and its tokenizer (e.g. from ``fta.zoo.load``).
+    task : Task
+        Training batches come from its ``train`` split; ``val`` is used for the history.
+    method : Method, default=Full()
+        How the model is made trainable (``fta.methods.LoRA(r=8)``, ...).
+    steps, lr, batch_size : positive numbers.
+    seed : int, default=0
+        Seeds the method's initialisation, dropout and the order of training batches.
+    device : str, optional
+        Default: CUDA if available, else MPS, else CPU. On CUDA the forward pass runs under bf16 autocast.
+    weight_decay, warmup_steps, schedule : AdamW weight decay, linear warm-up length, and ``"constant"``,
+        ``"linear"`` or ``"cosine"`` decay after it.
+    grad_clip : float or None, default=1.0
+        Clip the gradient norm (None: no clipping).
+    eval_every : int, optional
+        Evaluate every this many steps (and at the end). Default: only at the end.
+    eval_n : int, default=256
+        Examples per evaluation.
+    eval_tasks : dict of name -> Task, optional
+        Extra tasks evaluated alongside (e.g. ``{"mix": fta.tasks.make("pretraining_mix")}`` to watch forgetting).
+    checkpoint_dir, checkpoint_every : save a checkpoint every this many steps into ``checkpoint_dir``.
+    resume : bool, default=False
+        Continue from the latest checkpoint in ``checkpoint_dir`` (same model, method and settings required).
+    copy : bool, default=True
+        Train a deep copy and leave ``model`` untouched. ``False`` trains ``model`` in place.
+    progress : bool, default=True
+        Show a tqdm progress bar.
+
+    Raises
+    ------
+    FloatingPointError
+        If the loss becomes NaN or infinite (the message gives the step and learning rate).
+    """
+    from .methods import Full, Method
+
+    method = Full() if method is None else method
+    if not isinstance(task, Task):
+        raise TypeError(f"The 'task' parameter of finetune must be an ftanalysis Task (fta.tasks.make). Got {type(task).__name__}.")
+    if not isinstance(method, Method):
+        raise TypeError(f"The 'method' parameter of finetune must be an fta.methods.Method. Got {type(method).__name__}.")
+    steps = check_int(steps, "steps", "finetune", 1)
+    lr = check_float(lr, "lr", "finetune", low=0.0, low_open=True)
+    batch_size = check_int(batch_size, "batch_size", "finetune", 1)
+    seed = check_int(seed, "seed", "finetune")
+    weight_decay = check_float(weight_decay, "weight_decay", "finetune", low=0.0)
+    warmup_steps = check_int(warmup_steps, "warmup_steps", "finetune", 0)
+    check_option(schedule, "schedule", "finetune", SCHEDULES)
+    if grad_clip is not None:
+        grad_clip = check_float(grad_clip, "grad_clip", "finetune", low=0.0, low_open=True)
+    eval_n = check_int(eval_n, "eval_n", "finetune", 1)
+    if eval_every is not None:
+        eval_every = check_int(eval_every, "eval_every", "finetune", 1)
+    if checkpoint_every is not None:
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", "finetune", 1)
+        if checkpoint_dir is None:
+            raise ValueError("finetune got checkpoint_every but no checkpoint_dir to write checkpoints into.")
+    if resume and checkpoint_dir is None:
+        raise ValueError("finetune(resume=True) needs the checkpoint_dir of the interrupted run.")
+    eval_tasks = dict(eval_tasks or {})
+    for name, extra in eval_tasks.items():
+        if not isinstance(extra, Task):
+            raise TypeError(f"eval_tasks[{name!r}] must be a Task. Got {type(extra).__name__}.")
+    task.check_tokenizer(tok)
+    check_model_tokenizer(model, tok)
+
+    device = choose_device(device)
+    if copy:
+        model = copy_module.deepcopy(model)
+    torch.manual_seed(seed)
+    model = method.apply(model)
+    model.to(device)
+    model.train()
+    optimizer = method.make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+
+    start_step, history, seconds_before = 0, [], 0.0
+    if resume:
+        start_step, history, seconds_before = _load_checkpoint(Path(checkpoint_dir), model, optimizer, method)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def compute_loss(batch: dict) -> torch.Tensor:
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return answer_loss(logits, batch["labels"])
+
+    started = time.perf_counter()
+    running, running_n = 0.0, 0
+    bar = tqdm(range(start_step, steps), desc=f"{type(method).__name__} on {task.name}", disable=not progress, leave=False)
+    for step in bar:
+        current_lr = learning_rate(step, steps, lr, warmup_steps, schedule)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+        state = TrainState(step=step, steps=steps, lr=current_lr, model=model, optimizer=optimizer, seed=seed)
+        method.before_step(state)
+        batch = task.batch(tok, batch_size, step=step, split="train", seed=seed, device=device)
+        loss = method.training_step(state, batch, compute_loss, grad_clip)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"The training loss became {loss_value} at step {step} (lr={current_lr:g}, method={method!r}). "
+                "Lower the learning rate or check the data."
+            )
+        method.after_step(state)
+        running += loss_value
+        running_n += 1
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        done = step + 1
+        if (eval_every and done % eval_every == 0) or done == steps:
+            row = {"step": done, "train_loss": running / running_n}
+            running, running_n = 0.0, 0
+            scores = task.evaluate(model, tok, split="val", n=eval_n)
+            row["val_accuracy"], row["val_loss"] = scores["accuracy"], scores["loss"]
+            for name, extra in eval_tasks.items():
+                extra_scores = extra.evaluate(model, tok, split="test", n=eval_n)
+                row[f"{name}/accuracy"], row[f"{name}/loss"] = extra_scores["accuracy"], extra_scores["loss"]
+            history.append(row)
+            model.train()
+        if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+            elapsed = seconds_before + time.perf_counter() - started
+            _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, method, history, elapsed)
+    bar.close()
+    model.eval()
+    seconds = seconds_before + time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return FinetuneResult(
+        model=model,
+        method=method,
+        task=task,
+        history=pd.DataFrame(history),
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        seconds=seconds,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        device=str(device),
+        peak_memory_bytes=peak,
+    )
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _save_checkpoint(root: Path, step: int, model, optimizer, method, history: list, seconds: float) -> None:
+    """Write ``root/step_<n>`` atomically: model state (safetensors), optimiser, RNG and loop state."""
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_dedupe_shared(state), str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state(), "method": method.state_dict()}, tmp / "rng_and_method.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, "seconds": seconds}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _dedupe_shared(state: dict) -> dict:
+    """safetensors refuses tensors that share memory (tied embeddings): store each storage once."""
+    seen, out = {}, {}
+    for key, value in state.items():
+        ptr = (value.data_ptr(), value.shape, value.stride())
+        if value.numel() and ptr in seen:
+            continue
+        seen[ptr] = key
+        out[key] = value.clone()
+    return out
+
+
+def latest_checkpoint(root: Path) -> Path:
+    """The newest complete ``step_<n>`` folder under ``root``."""
+    candidates = sorted(p for p in Path(root).glob("step_*") if (p / "trainer_state.json").is_file())
+    if not candidates:
+        raise FileNotFoundError(f"No checkpoint (step_*/trainer_state.json) found in {root} to resume from.")
+    return candidates[-1]
+
+
+def _load_checkpoint(root: Path, model, optimizer, method) -> tuple[int, list, float]:
+    path = latest_checkpoint(root)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+        meta = json.loads((path / "trainer_state.json").read_text())
+        extra = torch.load(path / "rng_and_method.pt", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"The checkpoint {path} is corrupt or incomplete: {err}") from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
+    if unexpected or set(missing) - tied:
+        raise ValueError(
+            f"The checkpoint {path} does not match this model and method: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}. Resume with the same base model and method."
+        )
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(extra["torch"])
+    method.load_state_dict(extra["method"])
+    return int(meta["step"]), list(meta["history"]), float(meta["seconds"])
