@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ._validation import check_float, check_int, check_option
-from .tasks.base import Task, answer_loss, check_model_tokenizer
+from .tasks.base import Task, check_model_tokenizer
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -235,7 +235,7 @@ def finetune(
     def compute_loss(batch: dict) -> torch.Tensor:
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return answer_loss(logits, batch["labels"])
+        return task.loss(logits, batch)
 
     started = time.perf_counter()
     running, running_n = 0.0, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .base import Method
 from .full import Full
 from .lora import LoRA, LoRALayer
+from .probe import LinearProbe
 from .targets import resolve_targets
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -23,7 +24,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (Full, LoRA):
+for _cls in (Full, LoRA, LinearProbe):
     register(_cls)
 
 
@@ -39,4 +40,4 @@ def get(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
-__all__ = ["Full", "LoRA", "LoRALayer", "Method", "available", "get", "register", "resolve_targets"]
+__all__ = ["Full", "LinearProbe", "LoRA", "LoRALayer", "Method", "available", "get", "register", "resolve_targets"]

@@ -33,6 +33,7 @@ class Method:
     has_dense_form: ClassVar[bool] = True
     # other method names that may be applied to a model that already carries this one
     composes_with: ClassVar[tuple[str, ...]] = ()
+    train_new_parameters: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ apply / merge
     def apply(self, model: nn.Module, copy: bool = False) -> nn.Module:
@@ -49,6 +50,9 @@ class Method:
                     f"the two conflict. Merge the first one (method.merge(model)) before applying another."
                 )
         self._apply(model)
+        if self.train_new_parameters:
+            for p in getattr(model, "new_parameters", lambda: [])():
+                p.requires_grad_(True)  # a head the pretrained model did not have always trains (PEFT's modules_to_save)
         setattr(model, APPLIED_ATTR, [*applied, self])
         return model
 

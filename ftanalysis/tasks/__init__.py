@@ -13,12 +13,14 @@ import dataclasses
 
 from .arithmetic import ModularArithmetic
 from .base import SPLITS, Example, Task, answer_loss, collate, score_examples, split_of
+from .classification import ClassificationTask
 from .copying import Copy, Reverse
 from .counting import Counting
 from .entity_tracking import EntityTracking
 from .facts import Facts
 from .mixture import Mixture, PretrainingMix
 from .recall import AssociativeRecall
+from .sentences import SentimentNegation, SubjectCategory
 from .vocab import VOCAB, build_tokenizer
 
 _REGISTRY: dict[str, type[Task]] = {}
@@ -32,7 +34,10 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-for _cls in (EntityTracking, AssociativeRecall, ModularArithmetic, Counting, Copy, Reverse, Facts, PretrainingMix):
+for _cls in (
+    EntityTracking, AssociativeRecall, ModularArithmetic, Counting, Copy, Reverse, Facts, PretrainingMix,
+    SentimentNegation, SubjectCategory,
+):
     register(_cls)
 
 
@@ -54,7 +59,7 @@ def make(name: str, seed: int = 0, **options) -> Task:
 
 
 __all__ = [
-    "SPLITS", "VOCAB", "AssociativeRecall", "Copy", "Counting", "EntityTracking", "Example", "Facts", "Mixture",
+    "SPLITS", "VOCAB", "AssociativeRecall", "ClassificationTask", "SentimentNegation", "SubjectCategory", "Copy", "Counting", "EntityTracking", "Example", "Facts", "Mixture",
     "ModularArithmetic", "PretrainingMix", "Reverse", "Task", "answer_loss", "available", "build_tokenizer",
     "collate", "make", "register", "score_examples", "split_of",
 ]

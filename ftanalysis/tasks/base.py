@@ -62,6 +62,7 @@ class Task:
     seed: int = 0
 
     name: ClassVar[str] = "task"
+    kind: ClassVar[str] = "lm"  # "lm": answers are scored tokens of a causal LM; "classification": see classification.py
     memorization: ClassVar[bool] = False  # True: every split uses the same examples (a fixed table)
 
     # ------------------------------------------------------------------ to implement
@@ -122,6 +123,10 @@ class Task:
         while True:
             yield self.batch(tok, batch_size, step, split, seed)
             step += 1
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Training loss of a batch: mean cross-entropy over the answer tokens."""
+        return answer_loss(logits, batch["labels"])
 
     def check_tokenizer(self, tok) -> None:
         """Raise ``ValueError`` if the tokenizer cannot write every word of this task."""

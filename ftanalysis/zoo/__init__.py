@@ -8,10 +8,11 @@ True
 
 from .architectures import TinyConfig, build_model
 from .card import card_evaluation, read_card
+from .classifier import EncoderClassifier
 from .loading import available, load, load_model, minilm_dir, zoo_dir
 from .recipes import RECIPES, Recipe
 
 __all__ = [
-    "RECIPES", "Recipe", "TinyConfig", "available", "build_model", "card_evaluation", "load", "load_model",
+    "EncoderClassifier", "RECIPES", "Recipe", "TinyConfig", "available", "build_model", "card_evaluation", "load", "load_model",
     "minilm_dir", "read_card", "zoo_dir",
 ]

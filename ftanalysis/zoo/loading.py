@@ -108,7 +108,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
             f"Supported model types: {list(SUPPORTED_MODEL_TYPES)}."
         )
     try:
-        model = _model_class(config).from_pretrained(source, torch_dtype=torch.float32, **kwargs)
+        model = _model_class(config).from_pretrained(source, dtype=torch.float32, **kwargs)
     except OSError:
         raise
     except Exception as err:  # safetensors / shape errors from a damaged file

@@ -1,0 +1,64 @@
+"""A small on-disk cache of fine-tuning runs, so notebooks that share a fine-tune train it once per run.
+
+``cached_finetune(key_parts, model, tok, task, method, **kwargs)`` returns the merged model and the history
+of ``fta.finetune``. The key is the ``repr`` of everything that determines the result (base model name,
+task, method, hyper-parameters, seed), so a changed argument never returns a stale model. Training is
+deterministic on CPU, which is what makes reuse within a run honest; the cache lives in ``$FTA_CACHE_DIR``
+(default ``~/.cache/ftanalysis``) and ``FTA_CACHE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from safetensors.torch import load_file, save_file
+
+from .train import _dedupe_shared, finetune
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTA_CACHE_DIR", Path.home() / ".cache" / "ftanalysis"))
+
+
+def cache_enabled() -> bool:
+    return os.environ.get("FTA_CACHE", "1") != "0"
+
+
+def cached_finetune(base_name: str, model, tok, task, method, **kwargs):
+    """``(merged_model, history)`` of ``finetune(model, tok, task, method, **kwargs)``, from the cache if there.
+
+    ``base_name`` identifies ``model`` (e.g. ``"minilm+head(seed=0)"``); it is part of the key because the
+    model's weights are not hashed.
+    """
+    kwargs.setdefault("progress", False)
+    key_text = json.dumps(
+        {"base": base_name, "task": repr(task), "method": repr(method), **{k: repr(v) for k, v in sorted(kwargs.items()) if k != "progress"}},
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
+    folder = cache_dir() / key
+    if cache_enabled() and (folder / "model.safetensors").is_file():
+        merged = copy.deepcopy(model)
+        missing, unexpected = merged.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+        if not unexpected and all("lm_head" in k or "embed" in k for k in missing):
+            merged.eval()
+            return merged, pd.read_csv(folder / "history.csv")
+    result = finetune(model, tok, task, method, **kwargs)
+    merged = result.merged_model().eval()
+    if cache_enabled():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in merged.state_dict().items()}
+        save_file(_dedupe_shared(state), str(tmp / "model.safetensors"))
+        result.history.to_csv(tmp / "history.csv", index=False)
+        (tmp / "key.json").write_text(key_text)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return merged, result.history
