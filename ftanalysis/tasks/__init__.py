@@ -20,7 +20,7 @@ from .entity_tracking import EntityTracking
 from .facts import Facts
 from .mixture import Mixture, PretrainingMix
 from .recall import AssociativeRecall
-from .sentences import SentimentNegation, SubjectCategory
+from .sentences import Intensity, LexicalSentiment, SentimentNegation, SubjectCategory
 from .vocab import VOCAB, build_tokenizer
 
 _REGISTRY: dict[str, type[Task]] = {}
@@ -36,7 +36,7 @@ def register(cls: type[Task]) -> type[Task]:
 
 for _cls in (
     EntityTracking, AssociativeRecall, ModularArithmetic, Counting, Copy, Reverse, Facts, PretrainingMix,
-    SentimentNegation, SubjectCategory,
+    SentimentNegation, SubjectCategory, LexicalSentiment, Intensity,
 ):
     register(_cls)
 
@@ -59,7 +59,7 @@ def make(name: str, seed: int = 0, **options) -> Task:
 
 
 __all__ = [
-    "SPLITS", "VOCAB", "AssociativeRecall", "ClassificationTask", "SentimentNegation", "SubjectCategory", "Copy", "Counting", "EntityTracking", "Example", "Facts", "Mixture",
+    "SPLITS", "VOCAB", "AssociativeRecall", "ClassificationTask", "Intensity", "LexicalSentiment", "SentimentNegation", "SubjectCategory", "Copy", "Counting", "EntityTracking", "Example", "Facts", "Mixture",
     "ModularArithmetic", "PretrainingMix", "Reverse", "Task", "answer_loss", "available", "build_tokenizer",
     "collate", "make", "register", "score_examples", "split_of",
 ]

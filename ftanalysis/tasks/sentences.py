@@ -7,7 +7,9 @@ The lexicon ships offline in the PyPI package ``vadersentiment`` (the ``real`` e
 - ``sentiment_negation``: the word's sentiment (VADER mean valence > 0), flipped by "not". A frozen MiniLM
   with a linear probe gets about 0.8; fine-tuning reaches about 0.97 (measured, see the reference notes).
 - ``subject_category``: what the subject is (food, media, place or person); the same sentences, another
-  property, used as a retention probe and as a second task for localization and merging.
+  property, used as a retention probe (a frozen MiniLM already encodes it).
+- ``sentiment``: the word's own sentiment, ignoring "not" (lexical polarity).
+- ``intensity``: is the word's sentiment strong (|valence| >= 2.5) or mild (|valence| < 2), whatever its sign.
 
 Words (|valence| >= ``min_valence``, alphabetic, 3+ letters) are assigned to train / val / test by a stable
 hash, so the splits never share a sentiment word.
@@ -120,3 +122,43 @@ class SubjectCategory(_VaderSentences):
     def sample(self, rng: random.Random, split: str = "train") -> Example:
         text, _, _, category = self.sentence(rng, split)
         return Example(prompt=text, answer=category)
+
+
+@dataclass(frozen=True)
+class LexicalSentiment(_VaderSentences):
+    """The sentiment word's own polarity (VADER sign), ignoring any "not"."""
+
+    name: ClassVar[str] = "sentiment"
+    labels: ClassVar[tuple[str, ...]] = ("negative", "positive")
+
+    def sample(self, rng: random.Random, split: str = "train") -> Example:
+        text, valence, _, _ = self.sentence(rng, split)
+        return Example(prompt=text, answer=self.labels[int(valence > 0)])
+
+
+@dataclass(frozen=True)
+class Intensity(_VaderSentences):
+    """Strong (|valence| >= ``strong``) or mild (|valence| < ``mild``) sentiment word, whatever its sign.
+
+    Words in between are not used. Parameters as for :class:`SentimentNegation`, plus ``mild`` (default 2.0)
+    and ``strong`` (default 2.5).
+    """
+
+    mild: float = 2.0
+    strong: float = 2.5
+
+    name: ClassVar[str] = "intensity"
+    labels: ClassVar[tuple[str, ...]] = ("mild", "strong")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_float(self.mild, "mild", "Intensity", self.min_valence, 4.0, low_open=True)
+        check_float(self.strong, "strong", "Intensity", self.mild, 4.0)
+
+    def sample(self, rng: random.Random, split: str = "train") -> Example:
+        label = rng.randrange(2)  # balanced classes
+        for _ in range(1000):
+            text, valence, _, _ = self.sentence(rng, split)
+            if (abs(valence) >= self.strong) if label else (abs(valence) < self.mild):
+                return Example(prompt=text, answer=self.labels[label])
+        raise RuntimeError("Intensity could not draw a word in the requested band.")
