@@ -1,0 +1,39 @@
+"""The command line and the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from ftanalysis.cli import main
+
+
+def test_help_lists_commands(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "zoo" in out
+
+
+def test_zoo_list_and_tasks(capsys):
+    main(["zoo", "list"])
+    out = capsys.readouterr().out
+    assert "gpt2-tiny" in out and "minilm" in out
+    main(["tasks"])
+    assert "entity_tracking" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "ftanalysis.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: ftanalysis" in out.stdout
+
+
+def test_demo_runs_small_and_writes_table_and_figure(tmp_path):
+    from ftanalysis.demo import run_demo
+
+    table = run_demo(steps=4, eval_n=32, out=tmp_path, progress=False)
+    assert isinstance(table, pd.DataFrame) and len(table) == 2
+    assert {"trainable params", "task acc before", "task acc after", "mix acc before", "mix acc after", "seconds"} <= set(table.columns)
+    assert (tmp_path / "demo_training_curves.png").stat().st_size > 1000
+    assert table["trainable params"].iloc[1] < table["trainable params"].iloc[0]
