@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ..nn.view import SUPPORTED_MODEL_TYPES
 from .card import read_card
@@ -107,12 +108,17 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
             f"Unsupported architecture {getattr(config, 'model_type', None)!r} in {source!r}. "
             f"Supported model types: {list(SUPPORTED_MODEL_TYPES)}."
         )
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar for a 0.1 MB model is noise in notebooks
     try:
         model = _model_class(config).from_pretrained(source, dtype=torch.float32, **kwargs)
     except OSError:
         raise
     except Exception as err:  # safetensors / shape errors from a damaged file
         raise ValueError(f"The checkpoint {source!r} could not be loaded (corrupt or incomplete weights): {err}") from err
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
     tok = AutoTokenizer.from_pretrained(source, **kwargs)
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     if len(tok) > vocab_rows:
