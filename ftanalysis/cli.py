@@ -39,6 +39,7 @@ COMMANDS = {
     "demo": ("fine-tune the shipped GPT-2 base two ways and compare (about 2 minutes on a CPU)", "ftanalysis.demo"),
     "zoo": ("list or pretrain the zoo's base models", None),
     "tasks": ("list the procedural tasks with an example each", None),
+    "labs": ("teaching labs: list, get a student or solution notebook, build --check", None),
 }
 
 
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
         _zoo(rest)
     elif command == "tasks":
         _tasks(rest)
+    elif command == "labs":
+        from .labs.cli import main as labs_main
+
+        code = labs_main(rest)
+        if code:
+            raise SystemExit(code)
     else:
         raise SystemExit(f"ftanalysis: unknown command {command!r}. Commands: {sorted(COMMANDS)}.")
 
