@@ -218,6 +218,7 @@ def finetune(
     if copy:
         model = copy_module.deepcopy(model)
     torch.manual_seed(seed)
+    method.prepare(model, tok, task, seed)
     model = method.apply(model)
     model.to(device)
     model.train()

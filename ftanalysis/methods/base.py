@@ -34,6 +34,8 @@ class Method:
     # other method names that may be applied to a model that already carries this one
     composes_with: ClassVar[tuple[str, ...]] = ()
     train_new_parameters: ClassVar[bool] = True
+    # False for methods whose freshly applied model does not compute the base model (prefix tuning)
+    identity_at_init: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ apply / merge
     def apply(self, model: nn.Module, copy: bool = False) -> nn.Module:
@@ -83,6 +85,12 @@ class Method:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ training-loop hooks
+    def prepare(self, model: nn.Module, tok, task, seed: int = 0) -> None:
+        """Called by :func:`ftanalysis.finetune` right before :meth:`apply`, with the model that will be trained.
+
+        Default: nothing. A method whose initialisation needs data (CorDA's calibration) reads it here.
+        """
+
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer | None:
         """AdamW over the trainable parameters (matrices decayed, vectors not)."""
         params = self.trainable_parameters(model)
