@@ -30,6 +30,7 @@ class ReferenceLoRALinear(nn.Module):
             p.requires_grad_(False)
         self.layer = LoRALayer(base, {"full": slice(0, base.out_features)}, r, reference_lora_scaling(alpha, r, rslora), 0.0)
         nn.init.normal_(self.layer.lora_A["full"], std=1 / r)
+        self.base = base
         self.lora_A, self.lora_B = self.layer.lora_A["full"], self.layer.lora_B["full"]
         self.scaling = self.layer.scaling
 
@@ -41,6 +42,14 @@ class ReferenceLoRALinear(nn.Module):
         with torch.no_grad():
             merged.weight.copy_(self.layer.merged_weight())
         return merged
+
+
+def reference_merge_lora(module: nn.Module) -> nn.Linear:
+    """A new ``nn.Linear`` with weight ``W0 + scaling * B @ A`` (the module's ``base``, ``lora_A``, ``lora_B``, ``scaling``)."""
+    merged = copy.deepcopy(module.base)
+    with torch.no_grad():
+        merged.weight.add_(module.scaling * module.lora_B @ module.lora_A)
+    return merged
 
 
 def reference_count_trainable(model: nn.Module) -> int:
@@ -166,7 +175,9 @@ def check_lora_linear(LoRALinear=None) -> None:
             x = torch.randn(3, 5, case["in"], generator=g)
             base_out = _base_linear(case)(x).detach()
             check.compare("output at initialisation (B = 0 must give the base layer's output)", base_out, module(x), case,
-                          hints=[lambda e, o, c: "initialise B to zeros so that LoRA starts at the pretrained model."])
+                          hints=[lambda e, o, c: "your output is only the low-rank update: add the frozen layer's output W0 x + b."
+                                 if torch.allclose(o, torch.zeros_like(o)) else None,
+                                 lambda e, o, c: "initialise B to zeros so that LoRA starts at the pretrained model."])
             A, B = _set_random_adapter(module, case, g)
             expected, _ = _library_output(case, A, B, x)
             check.compare("output with non-zero B", expected, module(x), case, hints=_scaling_hints(base_out))
@@ -175,26 +186,36 @@ def check_lora_linear(LoRALinear=None) -> None:
                 check.compare("output against PEFT's LoRA layer", peft_out, module(x), case)
 
 
-def check_lora_merge(LoRALinear=None) -> None:
-    """``module.merge()`` returns an ``nn.Linear`` with weight ``W0 + scaling * B @ A`` and the same outputs."""
-    cls = resolve(LoRALinear, ReferenceLoRALinear, "check_lora_merge", "class", ["base", "r", "alpha", "rslora"])
+def check_lora_merge(merge_lora=None) -> None:
+    """``merge_lora(module)`` returns a new ``nn.Linear`` with weight ``W0 + scaling * B @ A`` and the same outputs.
+
+    It is checked on the reference ``LoRALinear`` (attributes ``base``, ``lora_A``, ``lora_B``, ``scaling``), so a
+    bug in your class does not fail this exercise; the expected weight comes from the library's merge.
+    """
+    fn = resolve(merge_lora, reference_merge_lora, "check_lora_merge", "function", ["module"])
     with running("check_lora_merge") as check:
         for case in check.cases(_linear_cases()):
             g = seeded(case["seed"])
             torch.manual_seed(case["seed"])
-            module = cls(_base_linear(case), case["r"], case["alpha"], rslora=case["rslora"])
+            module = ReferenceLoRALinear(_base_linear(case), case["r"], case["alpha"], rslora=case["rslora"])
             A, B = _set_random_adapter(module, case, g)
             x = torch.randn(4, case["in"], generator=g)
             _, expected_weight = _library_output(case, A, B, x)
-            merged = module.merge()
-            check.require(isinstance(merged, nn.Linear), case, f"merge() must return an nn.Linear. Got {type(merged).__name__}.")
             base_weight = _base_linear(case).weight.detach()
+            merged = fn(module)
+            check.require(isinstance(merged, nn.Linear), case, f"merge_lora must return an nn.Linear. Got {type(merged).__name__}.")
+            check.require(merged is not module.base, case, "merge_lora must return a new layer, not modify and return the module's base.",
+                          "copy.deepcopy(module.base), then add the update to the copy's weight.")
+            check.require(torch.equal(module.base.weight.detach(), base_weight), case, "merge_lora changed the module's frozen base weight.",
+                          "work on a copy: the unmerged module must stay usable.")
             check.compare("merged weight", expected_weight, merged.weight, case, hints=[
-                lambda e, got, c: "the merged weight must include the scaling: W0 + (alpha / r) * B @ A."
+                lambda e, got, c: "the merged weight must include the scaling: W0 + scaling * B @ A."
                 if torch.allclose(got, base_weight + B @ A, atol=1e-5) else None,
-                lambda e, got, c: "B @ A is (out, in) like W0; A @ B is not." if got.shape != e.shape else None,
                 lambda e, got, c: "merge returned the base weight unchanged." if torch.allclose(got, base_weight, atol=1e-6) else None,
+                lambda e, got, c: "you returned only the update scaling * B @ A: add W0." if torch.allclose(got, e - base_weight, atol=1e-5) else None,
             ])
+            if case["bias"]:
+                check.compare("merged bias (unchanged)", module.base.bias, merged.bias, case)
             check.compare("merged forward == unmerged forward", module(x), merged(x), case)
 
 
