@@ -223,7 +223,7 @@ def finetune(
     model.to(device)
     model.train()
     optimizer = method.make_optimizer(model, lr=lr, weight_decay=weight_decay)
-    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
+    trainable = method.trainable_count(model)
     total = sum(p.numel() for p in model.parameters())
 
     start_step, history, seconds_before = 0, [], 0.0

@@ -84,6 +84,10 @@ class Method:
         """``[(name, parameter)]`` the optimiser updates (those with ``requires_grad``)."""
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
+    def trainable_count(self, model: nn.Module) -> int:
+        """Number of trained entries (reported by ``finetune``); mask methods count only their masked entries."""
+        return sum(p.numel() for _, p in self.trainable_parameters(model))
+
     # ------------------------------------------------------------------ training-loop hooks
     def prepare(self, model: nn.Module, tok, task, seed: int = 0) -> None:
         """Called by :func:`ftanalysis.finetune` right before :meth:`apply`, with the model that will be trained.
