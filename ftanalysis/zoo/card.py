@@ -59,7 +59,7 @@ def write_card(card: dict, directory: str | Path) -> None:
         f"- Parameters: {card['parameters']:,}",
         f"- Seed: {card['seed']}; entity tracking (3 boxes >= 0.9 on val) emerged at step "
         f"{card.get('entity_tracking_emerged_at_step')}",
-        f"- Pretraining: {card['recipe']['steps']} steps of {card['recipe']['batch_size']} examples, AdamW lr "
+        f"- Pretraining: {card.get('trained_steps', card['recipe']['steps'])} steps (of at most {card['recipe']['steps']}) of {card['recipe']['batch_size']} examples, AdamW lr "
         f"{card['recipe']['lr']}, on {card.get('device')} in {card.get('wall_seconds')} s",
         "- Rebuild: `ftanalysis zoo pretrain " + f"{card['name']} --seed {card['seed']} --out <dir>`",
         "",

@@ -64,7 +64,7 @@ def pretrain(
         betas=recipe.betas,
     )
     probes = {n: make("entity_tracking", n_boxes=n) for n in (3, 5, 7)}
-    history, emerged_at = [], None
+    history, emerged_at, stop_from = [], None, None
     start = time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for step in range(steps):
@@ -81,19 +81,25 @@ def pretrain(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % recipe.eval_every == 0 or step + 1 == steps:
-            row = {"step": step + 1, "loss": float(loss), "seconds": round(time.time() - start, 1)}
+            row = {"step": step + 1, "loss": float(loss.detach()), "seconds": round(time.time() - start, 1)}
             for n, task in probes.items():
                 row[f"et{n}"] = task.evaluate(model, tok, split="val", n=256)["accuracy"]
             if emerged_at is None and row["et3"] >= 0.9:
                 emerged_at = step + 1
+            if stop_from is None and recipe.stop_at_et3 is not None and row["et3"] >= recipe.stop_at_et3:
+                stop_from = step + 1
             history.append(row)
             log(json.dumps(row))
+        if stop_from is not None and step + 1 >= stop_from + recipe.steps_after_emergence:
+            log(json.dumps({"stopped_early_at": step + 1, "et3_reached_at": stop_from}))
+            break
         if snapshot_every and (step + 1) % snapshot_every == 0:
             snap = Path(out) / "snapshots" / f"step_{step + 1}"
             snap.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(snap)
             tok.save_pretrained(snap)
     wall = time.time() - start
+    trained_steps = step + 1
     model = model.float().cpu()
     evaluation = card_evaluation(model, tok)
     card = {
@@ -101,6 +107,7 @@ def pretrain(
         "description": recipe.description,
         "seed": seed,
         "entity_tracking_emerged_at_step": emerged_at,
+        "trained_steps": trained_steps,
         "parameters": sum(p.numel() for p in model.parameters()),
         "recipe": recipe.to_dict(),
         "mixture": [{"task": repr(t), "weight": w} for t, w in zip(mix.tasks, mix.weights)],

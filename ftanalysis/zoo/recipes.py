@@ -26,6 +26,10 @@ class Recipe:
     warmup_steps: int = 200
     final_lr_fraction: float = 0.1
     eval_every: int = 250
+    # stop early once entity tracking has emerged: when 3-box validation accuracy first reaches
+    # `stop_at_et3`, train `steps_after_emergence` more steps, then stop (None: always run `steps`)
+    stop_at_et3: float | None = 0.95
+    steps_after_emergence: int = 1000
     mixture: str = "pretraining_mix"
     extra: dict = field(default_factory=dict)
 
