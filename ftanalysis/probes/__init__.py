@@ -9,3 +9,4 @@ Probes never modify the models they are given.
 """
 
 # Each probe module adds one import line below with its public names.
+from .circuits import Circuit, activation_patching, attribution_patching, cmap, dcm, evaluate_circuit, path_patching  # noqa: E402,F401
