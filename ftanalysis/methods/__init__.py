@@ -7,10 +7,18 @@
 
 from __future__ import annotations
 
+from .adapters import Adapter
 from .base import Method
+from .bitfit import BitFit
+from .chain import ChainLoRA
+from .corda import CorDA
+from .dora import DoRA, DoRALayer
 from .full import Full
+from .ia3 import IA3
 from .lora import LoRA, LoRALayer
+from .prefix import PrefixTuning
 from .probe import LinearProbe
+from .ssf import SSF
 from .targets import resolve_targets
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -26,6 +34,14 @@ def register(cls: type[Method]) -> type[Method]:
 
 for _cls in (Full, LoRA, LinearProbe):
     register(_cls)
+register(DoRA)
+register(CorDA)
+register(ChainLoRA)
+register(BitFit)
+register(IA3)
+register(SSF)
+register(Adapter)
+register(PrefixTuning)
 
 
 def available() -> dict[str, str]:
@@ -41,3 +57,4 @@ def get(name: str) -> type[Method]:
 
 
 __all__ = ["Full", "LinearProbe", "LoRA", "LoRALayer", "Method", "available", "get", "register", "resolve_targets"]
+__all__ += ["Adapter", "BitFit", "ChainLoRA", "CorDA", "DoRA", "DoRALayer", "IA3", "PrefixTuning", "SSF"]

@@ -32,6 +32,10 @@ from .base import Method
 from .targets import resolve_targets
 
 LORA_INITS = ("gaussian", "kaiming", "pissa", "corda")
+CORDA_HINT = (
+    "The 'init' parameter of LoRA cannot be 'corda': CorDA needs calibration data. Use "
+    "fta.methods.CorDA(r=..., mode='ipm' or 'kpm') instead (fta.finetune calibrates it on the task)."
+)
 
 
 class LoRALayer(nn.Module):
@@ -64,6 +68,9 @@ class LoRALayer(nn.Module):
             a[1] == b[0] for a, b in zip(covered, covered[1:])
         )
         self._order = sorted(self.parts, key=lambda k: self.parts[k].start)
+        # True when the wrapped weight holds W0 - scaling * B0 @ A0 (PiSSA, CorDA) rather than W0
+        self.residual_base = False
+        self.train(base_layer.training)  # a new Dropout would otherwise be active inside a model in eval mode
 
     # (out, in) weight of the wrapped layer, as a view
     def base_weight(self) -> torch.Tensor:
@@ -141,7 +148,8 @@ class LoRA(Method):
     init : {"gaussian", "kaiming", "pissa", "corda"}, default="gaussian"
         ``gaussian``: A ~ N(0, 1/r^2) and B = 0 (the paper's random Gaussian A, with PEFT's std);
         ``kaiming``: PEFT's default Kaiming-uniform A; ``pissa``: principal singular vectors (see module
-        docstring); ``corda``: covariance-oriented SVD, see :class:`ftanalysis.methods.CorDA`.
+        docstring); ``corda`` needs calibration data, so ``LoRA`` rejects it: use
+        :class:`ftanalysis.methods.CorDA`.
     rslora : bool, default=False
         Rank-stabilised scaling ``alpha / sqrt(r)``.
     train_a : bool, default=True
@@ -157,9 +165,14 @@ class LoRA(Method):
     train_a: bool = True
     targets_: list[str] = field(default_factory=list, init=False, repr=False)
 
+    # True only for subclasses that bring the calibration data an init needs (CorDA)
+    calibrated_init: ClassVar[bool] = False
+
     name: ClassVar[str] = "lora"
     paper: ClassVar[str] = "https://arxiv.org/abs/2106.09685"
     composes_with: ClassVar[tuple[str, ...]] = ("mezo",)
+    # the wrapper class put around every targeted layer (DoRA swaps in its own)
+    layer_cls: ClassVar[type[LoRALayer]] = LoRALayer
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -167,6 +180,8 @@ class LoRA(Method):
         check_float(self.alpha, "alpha", owner, low=0.0, low_open=True)
         check_float(self.dropout, "dropout", owner, low=0.0, high=1.0, high_open=True)
         check_option(self.init, "init", owner, LORA_INITS)
+        if self.init == "corda" and not self.calibrated_init:
+            raise ValueError(CORDA_HINT)
         if isinstance(self.target, (list, tuple)):
             self.target = list(self.target)
 
@@ -197,7 +212,7 @@ class LoRA(Method):
             for name in group:
                 ref = view.ref(name)
                 parts[part_key(ref.kind, ref.n_parts)] = ref.out_slice(out_features)
-            layer = LoRALayer(base, parts, self.r, self.scaling, self.dropout)
+            layer = self.layer_cls(base, parts, self.r, self.scaling, self.dropout)
             self.initialise(layer, model, path)
             layer.lora_A.requires_grad_(self.train_a)
             replace_module(model, path, layer)
@@ -224,8 +239,9 @@ class LoRA(Method):
                 full = layer.base_weight().float().clone()
                 full[s] = residual
                 write_dense(layer.base_layer, full)
+                layer.residual_base = True
             elif self.init == "corda":
-                raise ValueError("init='corda' needs calibration data: use fta.methods.CorDA(...) instead of LoRA(init='corda').")
+                raise ValueError(CORDA_HINT)
 
     # ------------------------------------------------------------------ merge
     def _merge(self, model: nn.Module) -> None:

@@ -1,0 +1,264 @@
+"""Hugging Face PEFT interoperability: export our LoRA as a PEFT adapter, load a PEFT LoRA adapter merged.
+
+A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with, for each
+adapted module at dotted path ``p``, ``base_model.model.p.lora_A.weight`` ``(R, in)`` and
+``base_model.model.p.lora_B.weight`` ``(out, R)`` (and ``...lora_magnitude_vector`` ``(out,)`` for DoRA).
+PEFT computes ``delta_W = scaling * B @ A`` in ``(out, in)`` orientation and transposes it for GPT-2's
+``Conv1D`` (``fan_in_fan_out``), with ``scaling = alpha / R`` (``alpha / sqrt(R)`` under ``use_rslora``),
+where R and alpha come from ``rank_pattern`` / ``alpha_pattern`` when a module matches one of their keys.
+
+Our GPT-2 LoRA adapts the q, k and v thirds of the fused ``c_attn`` separately (rank r each). PEFT sees one
+module, so the export writes one block-structured adapter of rank ``R = r * parts``::
+
+    A = [A_q; A_k; A_v]  (R, in)        B = blockdiag(B_q, B_k, B_v)  (3d, R)
+
+whose ``B @ A`` is exactly the three per-part updates; its alpha is set to ``scaling * R`` so that PEFT's
+``alpha / R`` equals our scaling (``rank_pattern``/``alpha_pattern`` carry modules whose R or alpha differ
+from the most common one). The export is exact whether or not the LoRA used rsLoRA scaling.
+
+Nothing here imports PEFT: the files are written and read directly (PEFT is the test oracle).
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..nn.view import is_conv1d, unwrap
+from .dora import DoRALayer
+from .lora import LoRALayer, write_dense
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.(?P<rest>.+))?$")
+
+
+def _model_of(result_or_model) -> nn.Module:
+    if isinstance(result_or_model, nn.Module):
+        return result_or_model
+    model = getattr(result_or_model, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(
+        "export_peft expects a FinetuneResult or a model carrying LoRA layers (method.apply(model)). "
+        f"Got {type(result_or_model).__name__}."
+    )
+
+
+def _block_adapter(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(A (R, in), B (out, R))`` pair with ``B @ A`` equal to every part's ``B_k @ A_k`` on its rows."""
+    order = sorted(layer.parts, key=lambda k: layer.parts[k].start)
+    r = layer.r
+    A = torch.cat([layer.lora_A[k].detach().float() for k in order], dim=0)  # (R, in)
+    B = torch.zeros(layer.out_features, r * len(order))  # (out, R)
+    for i, key in enumerate(order):
+        B[layer.parts[key], i * r : (i + 1) * r] = layer.lora_B[key].detach().float().cpu()
+    return A.cpu().contiguous(), B.contiguous()
+
+
+@torch.no_grad()
+def _dora_magnitude(layer: DoRALayer) -> torch.Tensor:
+    """PEFT's ``(out,)`` magnitude: ours on adapted rows, ``||W0||_row`` elsewhere (a factor of 1 there)."""
+    magnitude = torch.linalg.vector_norm(layer.base_weight().float(), dim=1).cpu()
+    for key, s in layer.parts.items():
+        magnitude[s] = layer.lora_magnitude[key].detach().float().cpu()
+    return magnitude
+
+
+def export_peft(result_or_model, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write a model's LoRA (or DoRA) adapters as a PEFT adapter directory and return its path.
+
+    Parameters
+    ----------
+    result_or_model : FinetuneResult or nn.Module
+        The result of ``fta.finetune(..., method=LoRA(...))`` or a model after ``LoRA(...).apply(model)``.
+    directory : str or Path
+        Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are written into it.
+    base_model_name_or_path : str, optional
+        Recorded in the config (default: the model's ``config.name_or_path``).
+
+    Returns
+    -------
+    Path of the directory; ``peft.PeftModel.from_pretrained(base, directory)`` loads it.
+
+    Raises
+    ------
+    ValueError
+        If the model carries no LoRA layer, if its base weights are PiSSA/CorDA residuals (the adapter would
+        be relative to those, not to the released base), or if it has new task-head parameters (not exported).
+
+    Examples
+    --------
+    >>> import ftanalysis as fta
+    >>> model, tok = fta.zoo.load("gpt2-tiny")
+    >>> result = fta.finetune(model, tok, fta.tasks.make("copy"), fta.methods.LoRA(r=4), steps=2, progress=False)
+    >>> path = fta.export_peft(result, "/tmp/fta_lora_adapter")
+    """
+    model = _model_of(result_or_model)
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, LoRALayer)}
+    if not layers:
+        raise ValueError("export_peft: the model carries no LoRA layer; apply fta.methods.LoRA (or DoRA) first.")
+    residual = [path for path, m in layers.items() if m.residual_base]
+    if residual:
+        raise ValueError(
+            f"export_peft: the base weights of {residual[0]!r} (and {len(residual) - 1} more) hold the PiSSA/CorDA residual "
+            "W0 - s B0 A0, so an adapter saved from them would not apply to the original base model. Merge instead "
+            "(method.merge(model)) and save the merged model."
+        )
+    if hasattr(model, "new_parameters") and list(model.new_parameters()):
+        raise ValueError("export_peft: this model has new task-head parameters, which a PEFT LoRA adapter would not carry.")
+    dora = [isinstance(m, DoRALayer) for m in layers.values()]
+    if any(dora) and not all(dora):
+        raise ValueError("export_peft: the model mixes DoRA and LoRA layers; PEFT's use_dora is one flag per adapter.")
+    tensors, ranks, alphas = {}, {}, {}
+    for path, layer in layers.items():
+        A, B = _block_adapter(layer)
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = A
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = B
+        if isinstance(layer, DoRALayer):
+            tensors[f"{_PREFIX}{path}.lora_magnitude_vector"] = _dora_magnitude(layer)
+        ranks[path] = A.shape[0]
+        alphas[path] = layer.scaling * A.shape[0]  # PEFT: scaling = alpha / R
+    r, _ = Counter(ranks.values()).most_common(1)[0]
+    alpha, _ = Counter(alphas.values()).most_common(1)[0]
+    dropout = next(iter(layers.values())).lora_dropout
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if hasattr(model, "get_output_embeddings") and hasattr(model, "generate") else None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "bias": "none",
+        "use_rslora": False,  # alpha is chosen so that alpha / R is our scaling, rsLoRA or not
+        "use_dora": all(dora),
+        "rank_pattern": {p: R for p, R in ranks.items() if R != r},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's ``get_pattern_key`` rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / WEIGHTS_NAME).is_file():
+        return load_file(str(directory / WEIGHTS_NAME))
+    if (directory / "adapter_model.bin").is_file():
+        return torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"load_peft: no {WEIGHTS_NAME} (or adapter_model.bin) in {directory}.")
+
+
+@torch.no_grad()
+def load_peft(base: nn.Module, directory: str | Path) -> nn.Module:
+    """A copy of ``base`` with a PEFT LoRA adapter merged into its weights (a plain model, ``base`` untouched).
+
+    Supports GPT-2's ``Conv1D`` layers (``fan_in_fan_out``), ``use_rslora``, ``rank_pattern`` /
+    ``alpha_pattern``, DoRA (``use_dora``) and ``modules_to_save`` weights; the merged weight is
+    ``W0 + scaling * B @ A`` (DoRA: ``m * (W0 + dW) / ||W0 + dW||_row``), computed in float32.
+
+    Parameters
+    ----------
+    base : nn.Module
+        The base model the adapter was trained on (same architecture and module names).
+    directory : str or Path
+        A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Raises
+    ------
+    ValueError
+        If the adapter is not a LoRA adapter, names a module the base lacks, has a shape that does not fit, or
+        holds tensors this loader does not understand (LoRA on embeddings, LoRA biases).
+
+    Examples
+    --------
+    >>> import ftanalysis as fta
+    >>> model, tok = fta.zoo.load("gpt2-tiny")
+    >>> merged = fta.load_peft(model, "/tmp/fta_lora_adapter")
+    """
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"load_peft expects a torch nn.Module as 'base'. Got {type(base).__name__}.")
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"load_peft: {directory} has no {CONFIG_NAME}; is it a PEFT adapter directory?")
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"load_peft reads LoRA adapters only. This adapter's peft_type is {config.get('peft_type')!r}.")
+    if config.get("lora_bias") or config.get("bias", "none") != "none":
+        raise ValueError("load_peft does not support adapters that train biases (bias != 'none' or lora_bias=True).")
+    tensors = _read_weights(directory)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    extra, unknown = {}, []
+    model = copy_module.deepcopy(base)
+    state_keys = set(model.state_dict())
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match and (match["rest"] in (None, "weight") or match["rest"].count(".") <= 1):
+            groups.setdefault(match["path"], {})[match["kind"]] = value
+            continue
+        plain = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        if config.get("modules_to_save") and plain in state_keys:
+            extra[plain] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"load_peft does not understand {len(unknown)} tensor(s) of this adapter, e.g. {unknown[:3]}.")
+    if not groups:
+        raise ValueError(f"load_peft found no lora_A / lora_B tensors in {directory}.")
+    for path, group in groups.items():
+        if "lora_A" not in group or "lora_B" not in group:
+            raise ValueError(f"load_peft: module {path!r} has {sorted(group)} but needs both lora_A and lora_B.")
+        try:
+            layer = unwrap(model.get_submodule(path))
+        except AttributeError as err:
+            raise ValueError(f"load_peft: the adapter targets {path!r}, which this {type(base).__name__} does not have.") from err
+        A, B = group["lora_A"].float(), group["lora_B"].float()  # (R, in), (out, R)
+        R = A.shape[0]
+        expected_r = _pattern_value(config.get("rank_pattern"), path, config.get("r", R))
+        if expected_r != R:
+            raise ValueError(f"load_peft: {path!r} has lora_A of rank {R} but the config says r={expected_r}.")
+        alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", R))
+        scaling = alpha / math.sqrt(R) if config.get("use_rslora") else alpha / R
+        weight = layer.weight
+        W = (weight.T if is_conv1d(layer) else weight).float()  # (out, in)
+        if B.shape[0] != W.shape[0] or A.shape[1] != W.shape[1] or B.shape[1] != R:
+            raise ValueError(
+                f"load_peft: the adapter of {path!r} has A {tuple(A.shape)} and B {tuple(B.shape)}, which do not fit its "
+                f"(out, in) = {tuple(W.shape)} weight."
+            )
+        merged = W + scaling * (B.to(W.device) @ A.to(W.device))
+        if "lora_magnitude_vector" in group:
+            norm = torch.linalg.vector_norm(merged, dim=1)
+            merged = (group["lora_magnitude_vector"].float().to(W.device) / norm)[:, None] * merged
+        elif config.get("use_dora"):
+            raise ValueError(f"load_peft: the config says use_dora but {path!r} has no lora_magnitude_vector.")
+        write_dense(layer, merged)
+    if extra:
+        model.load_state_dict(extra, strict=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
