@@ -7,18 +7,14 @@
 
 from __future__ import annotations
 
-from .adapters import Adapter
 from .base import Method
-from .bitfit import BitFit
-from .chain import ChainLoRA
-from .corda import CorDA
-from .dora import DoRA, DoRALayer
 from .full import Full
-from .ia3 import IA3
+from .layer_selection import HFT, LISA, GradientMaskTuning
 from .lora import LoRA, LoRALayer
-from .prefix import PrefixTuning
+from .mezo import MeZO
 from .probe import LinearProbe
-from .ssf import SSF
+from .sparse import LIFT, LTSFT, SparseDiff, SpIEL
+from .subspace import SAID, Subspace, intrinsic_dimension_sweep
 from .targets import resolve_targets
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -34,14 +30,15 @@ def register(cls: type[Method]) -> type[Method]:
 
 for _cls in (Full, LoRA, LinearProbe):
     register(_cls)
-register(DoRA)
-register(CorDA)
-register(ChainLoRA)
-register(BitFit)
-register(IA3)
-register(SSF)
-register(Adapter)
-register(PrefixTuning)
+register(HFT)
+register(LISA)
+register(GradientMaskTuning)
+register(LTSFT)
+register(SpIEL)
+register(LIFT)
+register(Subspace)
+register(SAID)
+register(MeZO)
 
 
 def available() -> dict[str, str]:
@@ -57,4 +54,4 @@ def get(name: str) -> type[Method]:
 
 
 __all__ = ["Full", "LinearProbe", "LoRA", "LoRALayer", "Method", "available", "get", "register", "resolve_targets"]
-__all__ += ["Adapter", "BitFit", "ChainLoRA", "CorDA", "DoRA", "DoRALayer", "IA3", "PrefixTuning", "SSF"]
+__all__ += ["GradientMaskTuning", "HFT", "LIFT", "LISA", "LTSFT", "MeZO", "SAID", "SparseDiff", "SpIEL", "Subspace", "intrinsic_dimension_sweep"]
