@@ -7,13 +7,21 @@
 
 from __future__ import annotations
 
+from .adapters import Adapter
 from .base import Method
+from .bitfit import BitFit
+from .chain import ChainLoRA
+from .corda import CorDA
+from .dora import DoRA, DoRALayer
 from .full import Full
+from .ia3 import IA3
 from .layer_selection import HFT, LISA, GradientMaskTuning
 from .lora import LoRA, LoRALayer
 from .mezo import MeZO
+from .prefix import PrefixTuning
 from .probe import LinearProbe
 from .sparse import LIFT, LTSFT, SparseDiff, SpIEL
+from .ssf import SSF
 from .subspace import SAID, Subspace, intrinsic_dimension_sweep
 from .targets import resolve_targets
 
@@ -39,6 +47,14 @@ register(LIFT)
 register(Subspace)
 register(SAID)
 register(MeZO)
+register(DoRA)
+register(CorDA)
+register(ChainLoRA)
+register(BitFit)
+register(IA3)
+register(SSF)
+register(Adapter)
+register(PrefixTuning)
 
 
 def available() -> dict[str, str]:
@@ -55,3 +71,4 @@ def get(name: str) -> type[Method]:
 
 __all__ = ["Full", "LinearProbe", "LoRA", "LoRALayer", "Method", "available", "get", "register", "resolve_targets"]
 __all__ += ["GradientMaskTuning", "HFT", "LIFT", "LISA", "LTSFT", "MeZO", "SAID", "SparseDiff", "SpIEL", "Subspace", "intrinsic_dimension_sweep"]
+__all__ += ["Adapter", "BitFit", "ChainLoRA", "CorDA", "DoRA", "DoRALayer", "IA3", "PrefixTuning", "SSF"]
