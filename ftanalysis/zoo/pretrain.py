@@ -23,7 +23,7 @@ import torch
 
 from ..tasks import build_tokenizer, make
 from ..tasks.base import answer_loss
-from .architectures import build_model
+from .architectures import TinyConfig, build_model
 from .card import card_evaluation, write_card
 from .recipes import RECIPES, Recipe
 
@@ -44,18 +44,37 @@ def pretrain(
     steps: int | None = None,
     device: str | None = None,
     snapshot_every: int = 0,
+    init_from: str | Path | None = None,
+    start_step: int = 0,
+    card_examples: int | None = None,
     log=print,
 ) -> dict:
     """Train ``recipe`` with ``seed`` and save the model, tokenizer and card in ``out``.
 
     Returns the card (a dict). ``snapshot_every`` > 0 also saves ``out/snapshots/step_<n>`` along the way.
+    ``init_from`` continues from the weights of a saved model or snapshot (a fresh optimizer) at step
+    ``start_step`` of the schedule and of the data stream; the card records both, so the run can be repeated.
+    ``card_examples`` sets how many test examples per task the card's evaluation uses (default: the card's).
     """
     steps = steps or recipe.steps
     recipe = Recipe(**{**recipe.__dict__, "steps": steps})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok = build_tokenizer()
     mix = make(recipe.mixture)
-    model = build_model(recipe.model, tok, seed=seed).to(device)
+    model = build_model(recipe.model, tok, seed=seed)
+    if init_from is not None:
+        from .loading import load_model
+
+        initial = load_model(init_from)[0]
+        if initial.config.model_type != model.config.model_type:
+            raise ValueError(
+                f"init_from={init_from} holds a {initial.config.model_type} model; recipe {recipe.name} builds "
+                f"{model.config.model_type}."
+            )
+        model.load_state_dict(initial.state_dict())
+    if not 0 <= start_step < steps:
+        raise ValueError(f"start_step must be in [0, steps={steps}); got {start_step}.")
+    model = model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -67,13 +86,17 @@ def pretrain(
     history, emerged_at, stop_from = [], None, None
     start = time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for step in range(steps):
+    step = start_step - 1
+    for step in range(start_step, steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
         batch = mix.batch(tok, recipe.batch_size, step=step + 1_000_000 * seed, split="train", device=device)
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = answer_loss(logits, batch["labels"])
+        if recipe.lm_loss_weight:
+            every_token = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            loss = loss + recipe.lm_loss_weight * answer_loss(logits, every_token)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Pretraining loss became {loss.item()} at step {step}.")
         loss.backward()
@@ -101,13 +124,14 @@ def pretrain(
     wall = time.time() - start
     trained_steps = step + 1
     model = model.float().cpu()
-    evaluation = card_evaluation(model, tok)
+    evaluation = card_evaluation(model, tok) if card_examples is None else card_evaluation(model, tok, n=card_examples)
     card = {
         "name": recipe.name,
         "description": recipe.description,
         "seed": seed,
         "entity_tracking_emerged_at_step": emerged_at,
         "trained_steps": trained_steps,
+        "initialised_from": None if init_from is None else {"path": str(init_from), "start_step": start_step, "optimizer": "fresh AdamW"},
         "parameters": sum(p.numel() for p in model.parameters()),
         "recipe": recipe.to_dict(),
         "mixture": [{"task": repr(t), "weight": w} for t, w in zip(mix.tasks, mix.weights)],
@@ -147,10 +171,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--snapshot-every", type=int, default=0)
+    parser.add_argument("--init-from", default=None, help="continue from the weights in this model/snapshot folder")
+    parser.add_argument("--start-step", type=int, default=0, help="with --init-from: step of the schedule and data to start at")
+    parser.add_argument("--lm-loss-weight", type=float, default=None, help="override the recipe's lm_loss_weight")
+    parser.add_argument("--d-model", type=int, default=None, help="override the recipe's width (d_mlp = 4 d_model)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    card = pretrain(RECIPES[args.name], args.seed, args.out, steps=args.steps, device=args.device, snapshot_every=args.snapshot_every)
+    recipe = RECIPES[args.name]
+    if args.lm_loss_weight is not None:
+        recipe = Recipe(**{**recipe.__dict__, "lm_loss_weight": args.lm_loss_weight})
+    if args.d_model is not None:
+        model = TinyConfig(**{**recipe.model.to_dict(), "d_model": args.d_model, "d_mlp": 4 * args.d_model})
+        recipe = Recipe(**{**recipe.__dict__, "model": model})
+    card = pretrain(recipe, args.seed, args.out, steps=args.steps, device=args.device, snapshot_every=args.snapshot_every, init_from=args.init_from, start_step=args.start_step)
     print(json.dumps(card["evaluation"], indent=1))
 
 

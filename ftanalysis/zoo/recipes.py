@@ -31,6 +31,9 @@ class Recipe:
     stop_at_et3: float | None = 0.95
     steps_after_emergence: int = 1000
     mixture: str = "pretraining_mix"
+    # weight of a language-modelling loss on every prompt token, added to the loss on the answer tokens:
+    # the dense signal (predict the next word of every sentence) is what pretraining normally is
+    lm_loss_weight: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -40,14 +43,19 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
+    # With the loss on answer tokens only, d_model 64 sat on the chance plateau of entity tracking for 6,000
+    # steps in 3 of 3 seeds on CPU (d_model 128: 2,750 steps, still at chance). A language-modelling loss on
+    # every prompt token (lm_loss_weight 1) left the plateau by step 3,000 (3-box 0.58 at 3,000, 0.72 at 4,250).
     "gpt2-tiny": Recipe(
         name="gpt2-tiny",
         model=TinyConfig(arch="gpt2", n_layers=2, d_model=64, n_heads=4, d_mlp=256),
-        description="2-layer GPT-2 (d_model 64, 4 heads): the zoo's default base.",
+        description="2-layer GPT-2 (d_model 64, 4 heads of 16): the zoo's default base.",
+        lm_loss_weight=1.0,
     ),
     "llama-tiny": Recipe(
         name="llama-tiny",
         model=TinyConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, d_mlp=256),
         description="2-layer Llama (RoPE, RMSNorm, SwiGLU; d_model 64, 4 heads).",
+        lm_loss_weight=1.0,
     ),
 }
