@@ -40,6 +40,7 @@ COMMANDS = {
     "zoo": ("list or pretrain the zoo's base models", None),
     "tasks": ("list the procedural tasks with an example each", None),
     "labs": ("teaching labs: list, get a student or solution notebook, build --check", None),
+    "spectral": ("intruder dimensions and update spectra of a fine-tune: BASE FT --out DIR", "ftanalysis.probes.spectral_cli"),
 }
 
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         code = labs_main(rest)
         if code:
             raise SystemExit(code)
+    elif command == "spectral":
+        from .probes.spectral_cli import main as spectral_main
+
+        spectral_main(rest)
     else:
         raise SystemExit(f"ftanalysis: unknown command {command!r}. Commands: {sorted(COMMANDS)}.")
 
