@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -112,10 +113,15 @@ def make_finetune(base: str, recipe: Recipe, boxes: tuple[int, int], out: Path, 
 
 
 def load_finetuned(name: str, root: str | Path | None = None):
-    """``(model, tok, card)`` of a shipped fine-tune, e.g. ``load_finetuned("gpt2-tiny-et-more-boxes")``."""
+    """``(model, tok, card)`` of a shipped fine-tune, e.g. ``load_finetuned("gpt2-tiny-et-more-boxes")``.
+
+    ``root`` defaults to ``$FTA_FINETUNED_DIR`` if set, else ``data/finetuned`` of the source checkout.
+    """
     from ...zoo.loading import load_model
 
-    root = Path(root) if root is not None else Path(__file__).resolve().parents[3] / "data" / "finetuned"
+    if root is None:
+        root = os.environ.get("FTA_FINETUNED_DIR") or Path(__file__).resolve().parents[3] / "data" / "finetuned"
+    root = Path(root)
     folder = root / name
     if not (folder / "card.json").is_file():
         shipped = sorted(p.name for p in root.iterdir()) if root.is_dir() else []

@@ -317,6 +317,7 @@ def hooks(
     names_filter=None,
     positions=None,
     detach: bool = True,
+    view: ModelView | None = None,
 ) -> Iterator[ModelView]:
     """Context manager: install forward hooks (and optionally a cache) on a Hugging Face decoder.
 
@@ -336,6 +337,8 @@ def hooks(
         Cache only these sequence positions (the ``q_pos`` axis for patterns).
     detach : bool, default=True
         Store detached tensors (set False to keep the autograd graph, e.g. for gradients w.r.t. activations).
+    view : ModelView, optional
+        The model's view, when the caller already has one (saves rebuilding it on every call).
 
     Yields
     ------
@@ -343,7 +346,7 @@ def hooks(
         The canonical view of ``model``. On exit, every hook is removed and the attention implementation is
         restored, even if the body raised.
     """
-    view = _view(model)
+    view = _view(model if view is None else view)
     installer = _Installer(view)
     points: list[tuple[HookPoint, Callable]] = []
     for item in fwd_hooks:
@@ -414,7 +417,8 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tenso
 
 
 def run_with_cache(
-    model: nn.Module, input_ids: torch.Tensor, names_filter=None, positions=None, fwd_hooks=(), detach: bool = True, **forward_kwargs
+    model: nn.Module, input_ids: torch.Tensor, names_filter=None, positions=None, fwd_hooks=(), detach: bool = True,
+    view: ModelView | None = None, **forward_kwargs
 ) -> tuple[torch.Tensor, ActivationCache]:
     """Run ``model`` once and return ``(logits, cache)`` with only the activations ``names_filter`` selects.
 
@@ -422,12 +426,12 @@ def run_with_cache(
     every head output. See :func:`hooks` for the other parameters.
     """
     cache = ActivationCache()
-    with hooks(model, fwd_hooks=fwd_hooks, cache=cache, names_filter=names_filter, positions=positions, detach=detach):
+    with hooks(model, fwd_hooks=fwd_hooks, cache=cache, names_filter=names_filter, positions=positions, detach=detach, view=view):
         logits = _forward(model, input_ids, **forward_kwargs)
     return logits, cache
 
 
-def run_with_hooks(model: nn.Module, input_ids: torch.Tensor, fwd_hooks=(), **forward_kwargs) -> torch.Tensor:
+def run_with_hooks(model: nn.Module, input_ids: torch.Tensor, fwd_hooks=(), view: ModelView | None = None, **forward_kwargs) -> torch.Tensor:
     """Run ``model`` once with ``fwd_hooks`` (``[(name, fn), ...]``) installed; return the logits."""
-    with hooks(model, fwd_hooks=fwd_hooks):
+    with hooks(model, fwd_hooks=fwd_hooks, view=view):
         return _forward(model, input_ids, **forward_kwargs)

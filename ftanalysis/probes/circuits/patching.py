@@ -250,7 +250,7 @@ def activation_patching(
         chunks = range(0, len(comps), k)
         for start in tqdm(chunks, desc=f"patching {component}", disable=not progress):
             chunk = comps[start : start + k]
-            values.extend(_run_chunk(model, corrupt, chunk, sources, component, metric, n, owner))
+            values.extend(_run_chunk(model, corrupt, chunk, sources, component, metric, n, owner, view))
 
     shape = {"layer": len(layers), "pos": len(corrupt_pos), "head": len(heads) if per_head else 0}
     patched = torch.tensor(values).reshape([shape[d] for d in dims])
@@ -277,7 +277,7 @@ def activation_patching(
     )
 
 
-def _run_chunk(model, corrupt, chunk, sources, component, metric, n, owner) -> list[float]:
+def _run_chunk(model, corrupt, chunk, sources, component, metric, n, owner, view) -> list[float]:
     """One forward pass over ``len(chunk)`` copies of the corrupted batch, copy ``i`` patched at ``chunk[i]``."""
     k = len(chunk)
     by_layer: dict[int, list] = defaultdict(list)
@@ -299,6 +299,6 @@ def _run_chunk(model, corrupt, chunk, sources, component, metric, n, owner) -> l
         return hook
 
     fwd_hooks = [(act_name(component, layer), make_hook(layer)) for layer in by_layer]
-    logits = run_with_hooks(model, corrupt.repeat(k, 1), fwd_hooks=fwd_hooks)  # [k * n, pos, vocab], copy-major
+    logits = run_with_hooks(model, corrupt.repeat(k, 1), fwd_hooks=fwd_hooks, view=view)  # [k * n, pos, vocab], copy-major
     return [float(call_metric(metric, logits[i * n : (i + 1) * n], n, owner).mean()) for i in range(k)]
 

@@ -207,12 +207,12 @@ def _score_chunk(model, clean, chunk, receivers, receiver_input, clean_cache, co
             frozen = clean_cache["mlp_out", layer].repeat(k, 1, 1)
             fwd_hooks.append((act_name("mlp_out", layer), lambda value, point, frozen=frozen: frozen))
     if receiver_input == "logits":
-        logits = run_with_hooks(model, inputs, fwd_hooks=fwd_hooks)
+        logits = run_with_hooks(model, inputs, fwd_hooks=fwd_hooks, view=view)
         return [float(call_metric(metric, logits[i * n : (i + 1) * n], n, owner).mean()) for i in range(k)]
 
     recv_layers = sorted({layer for layer, _ in receivers})
     names = [act_name(receiver_input, layer) for layer in recv_layers]
-    _, recorded = run_with_cache(model, inputs, names_filter=names, fwd_hooks=fwd_hooks)
+    _, recorded = run_with_cache(model, inputs, names_filter=names, fwd_hooks=fwd_hooks, view=view)
 
     # step 3: clean run with only the receivers' inputs replaced by what step 2 recorded
     group = view.n_heads // view.n_kv_heads if receiver_input in ("k", "v") else 1
@@ -230,5 +230,5 @@ def _score_chunk(model, clean, chunk, receivers, receiver_input, clean_cache, co
 
         return hook
 
-    logits = run_with_hooks(model, inputs, fwd_hooks=[(act_name(receiver_input, ly), receive(ly)) for ly in recv_layers])
+    logits = run_with_hooks(model, inputs, fwd_hooks=[(act_name(receiver_input, ly), receive(ly)) for ly in recv_layers], view=view)
     return [float(call_metric(metric, logits[i * n : (i + 1) * n], n, owner).mean()) for i in range(k)]
