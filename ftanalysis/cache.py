@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import torch
 from safetensors.torch import load_file, save_file
 
 from .train import _dedupe_shared, finetune
@@ -30,15 +31,27 @@ def cache_enabled() -> bool:
     return os.environ.get("FTA_CACHE", "1") != "0"
 
 
+def weights_fingerprint(model) -> str:
+    """SHA-256 (first 16 hex digits) of every tensor in ``model.state_dict()``, names and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_finetune(base_name: str, model, tok, task, method, **kwargs):
     """``(merged_model, history)`` of ``finetune(model, tok, task, method, **kwargs)``, from the cache if there.
 
-    ``base_name`` identifies ``model`` (e.g. ``"minilm+head(seed=0)"``); it is part of the key because the
-    model's weights are not hashed.
+    The key is ``base_name`` (a readable label, e.g. ``"minilm+head(seed=0)"``), a fingerprint of ``model``'s
+    weights (so a retrained base never reuses a stale fine-tune), the task, the method and the arguments.
     """
     kwargs.setdefault("progress", False)
     key_text = json.dumps(
-        {"base": base_name, "task": repr(task), "method": repr(method), **{k: repr(v) for k, v in sorted(kwargs.items()) if k != "progress"}},
+        {
+            "base": base_name, "weights": weights_fingerprint(model), "task": repr(task), "method": repr(method),
+            **{k: repr(v) for k, v in sorted(kwargs.items()) if k != "progress"},
+        },
         sort_keys=True,
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
