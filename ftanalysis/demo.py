@@ -39,9 +39,11 @@ def run_demo(
     mix = tasks.make("pretraining_mix")
     before_task = task.evaluate(model, tok, n=eval_n)
     before_mix = mix.evaluate(model, tok, n=eval_n)
+    # the smallest learning rates that solve the new task in 300 steps (measured: full 1e-4 and LoRA 3e-4
+    # stop at 0.90 / 0.82); tiny bases forget much of the pretraining mix at any of them
     runs = {
-        "full (lr 1e-3)": (methods.Full(), 1e-3),
-        "LoRA r=8 (lr 3e-3)": (methods.LoRA(r=8, alpha=16), 3e-3),
+        "full (lr 3e-4)": (methods.Full(), 3e-4),
+        "LoRA r=8 (lr 1e-3)": (methods.LoRA(r=8, alpha=16), 1e-3),
     }
     rows, histories = [], {}
     for label, (method, lr) in runs.items():

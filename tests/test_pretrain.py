@@ -18,9 +18,13 @@ def tiny_recipe(**overrides) -> Recipe:
     return Recipe(**{**base, **overrides})
 
 
-def test_recipes_use_the_dense_lm_loss():
+def test_recipes_match_the_shipped_cards():
     assert {"gpt2-tiny", "llama-tiny"} <= set(RECIPES)
-    assert all(r.lm_loss_weight > 0 for r in RECIPES.values())
+    for name in fta.zoo.available():
+        if name in RECIPES:
+            card = fta.zoo.read_card(fta.zoo.zoo_dir() / name)
+            assert card["recipe"]["model"] == RECIPES[name].model.to_dict()
+            assert card["recipe"]["lm_loss_weight"] == RECIPES[name].lm_loss_weight
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -32,7 +32,9 @@ def test_card_is_complete(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_base_has_its_pretraining_skills(name):
-    """Re-measure the card: entity tracking >= 0.9 at 3 boxes, arithmetic and counting clearly above chance."""
+    """Re-measure the card: arithmetic and counting clearly above chance; entity tracking >= 0.9 at 3 boxes for
+    the default base gpt2-tiny (llama-tiny's card says it did not learn entity tracking; its number is
+    re-checked like every other)."""
     model, tok = fta.zoo.load(name)
     card = fta.zoo.read_card(fta.zoo.zoo_dir() / name)["evaluation"]
     for key in ("entity_tracking_3", "entity_tracking_5", "entity_tracking_7", "modular_addition", "counting", "copy"):
@@ -42,11 +44,11 @@ def test_shipped_base_has_its_pretraining_skills(name):
         # the card measured 1024 examples, we re-measure the first 512 of the same sequence: the card's value
         # must sit inside our 95% interval (widened by 0.02 for CPU kernel differences)
         assert low - 0.02 <= card[key]["accuracy"] <= high + 0.02, (key, scores["accuracy"], card[key])
-        if key == "entity_tracking_3":
+        if key == "entity_tracking_3" and name == "gpt2-tiny":
             assert scores["accuracy"] >= 0.9
         if key in ("modular_addition", "counting"):
             assert low > 2 * scores["chance"], (key, scores)  # clearly above chance
-        if key.startswith("entity_tracking"):
+        if key.startswith("entity_tracking") and name == "gpt2-tiny":
             assert low > scores["chance"]
 
 

@@ -61,8 +61,15 @@ def write_card(card: dict, directory: str | Path) -> None:
         f"{card.get('entity_tracking_emerged_at_step')}",
         f"- Pretraining: {card.get('trained_steps', card['recipe']['steps'])} steps (of at most {card['recipe']['steps']}) of {card['recipe']['batch_size']} examples, AdamW lr "
         f"{card['recipe']['lr']}, on {card.get('device')} in {card.get('wall_seconds')} s",
-        "- Rebuild: `ftanalysis zoo pretrain " + f"{card['name']} --seed {card['seed']} --out <dir>`",
+        "- Rebuild: " + ("the commands under *How it was made*" if card.get("lineage") else
+                         f"`ftanalysis zoo pretrain {card['name']} --seed {card['seed']} --out <dir>`"),
         "",
+    ]
+    if card.get("lineage"):
+        lines += ["## How it was made", ""]
+        lines += [f"{i}. steps {stage['steps']}: `{stage['command']}`. {stage.get('note', '')}".rstrip() for i, stage in enumerate(card["lineage"], 1)]
+        lines += [""]
+    lines += [
         "## Pretraining mix",
         "",
         "| task | weight |",

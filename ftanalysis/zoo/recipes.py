@@ -56,6 +56,8 @@ RECIPES: dict[str, Recipe] = {
         name="llama-tiny",
         model=TinyConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, d_mlp=256),
         description="2-layer Llama (RoPE, RMSNorm, SwiGLU; d_model 64, 4 heads).",
-        lm_loss_weight=1.0,
+        # the shipped llama-tiny was trained without the LM loss and did not learn entity tracking in 8,000
+        # steps; a run with lm_loss_weight=1 (~1.2 s/step on a shared CPU) was at 3-box 0.36 at step 2,500
+        lm_loss_weight=0.0,
     ),
 }
