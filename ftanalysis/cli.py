@@ -32,7 +32,7 @@ def _tasks(argv: list[str]) -> None:
     from . import tasks
 
     for name in tasks.available():
-        print(tasks.make(name).describe()[:160])
+        print(f"{name:20s} {tasks.make(name).describe()[:140]}")
 
 
 COMMANDS = {
