@@ -21,6 +21,7 @@ records the recipe, the seconds it took and the accuracies it reached. Rebuild t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -83,8 +84,21 @@ def evaluate(model, tok, box_counts=(3, 5, 7, 8, 9), n: int = 512) -> dict:
     return out
 
 
-def make_finetune(base: str, recipe: Recipe, boxes: tuple[int, int], out: Path, progress: bool = True) -> Path:
-    """Train one recipe on the zoo base ``base`` and save it to ``out / f"{base}-{recipe.name}"``."""
+def weights_digest(model) -> str:
+    """A short SHA-256 of a model's weights (state-dict order), to tie a fine-tune to the exact base it came from."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_finetune(base: str, recipe: Recipe, boxes: tuple[int, int], out: Path, progress: bool = True, eval_n: int = 512) -> Path:
+    """Train one recipe on the zoo base ``base`` and save it to ``out / f"{base}-{recipe.name}"``.
+
+    The card records the base's weight digest (:func:`weights_digest`) and both models' accuracies on
+    ``eval_n`` test prompts per task.
+    """
     model, tok = zoo.load(base)
     task = training_task(recipe, boxes)
     started = time.perf_counter()
@@ -99,12 +113,13 @@ def make_finetune(base: str, recipe: Recipe, boxes: tuple[int, int], out: Path, 
     card = {
         "name": folder.name,
         "base": base,
+        "base_digest": weights_digest(model),
         "recipe": asdict(recipe),
         "entity_tracking_boxes": list(boxes),
         "training_task": repr(task),
         "seconds": round(seconds, 1),
         "torch": torch.__version__,
-        "evaluation": {"base": evaluate(model, tok), "finetuned": evaluate(merged, tok)},
+        "evaluation": {"base": evaluate(model, tok, n=eval_n), "finetuned": evaluate(merged, tok, n=eval_n)},
         "rebuild": f"python -m ftanalysis.probes.circuits.finetunes --base {base} --recipes {recipe.name} "
                    f"--boxes {boxes[0]} {boxes[1]} --out {out}",
     }
@@ -140,6 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override every recipe's number of steps")
     parser.add_argument("--out", default="data/finetuned")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--eval-n", type=int, default=512, help="test prompts per task for the card's accuracies")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +163,7 @@ def main(argv=None) -> None:
         recipe = RECIPES[name]
         if args.steps:
             recipe = Recipe(**{**asdict(recipe), "steps": args.steps})
-        folder = make_finetune(args.base, recipe, tuple(args.boxes), Path(args.out))
+        folder = make_finetune(args.base, recipe, tuple(args.boxes), Path(args.out), eval_n=args.eval_n)
         card = json.loads((folder / "card.json").read_text())
         print(folder, json.dumps(card["evaluation"]), f"{card['seconds']} s")
 
