@@ -89,7 +89,19 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         h = self.lora_dropout(x)
-        updates = {k: self.part_update(k, h) for k in self._order}
+        if len(self._order) == 1:
+            updates = {k: self.part_update(k, h) for k in self._order}
+        else:
+            # one pass over x for every part (GPT-2's fused c_attn): x @ [A_q; A_k; A_v]^T, then each B on its slice
+            A = torch.cat([self.lora_A[k] for k in self._order])
+            hA = F.linear(h.to(A.dtype), A)
+            if self._full_cover:  # the parts tile the output: one matmul with the block-diagonal [B_q, B_k, B_v]
+                delta = F.linear(hA, torch.block_diag(*[self.lora_B[k] for k in self._order])) * self.scaling
+                return result + delta.to(result.dtype)
+            updates = {
+                k: F.linear(hA[..., i * self.r : (i + 1) * self.r], self.lora_B[k]) * self.scaling
+                for i, k in enumerate(self._order)
+            }
         if self._full_cover:
             delta = updates[self._order[0]] if len(updates) == 1 else torch.cat([updates[k] for k in self._order], dim=-1)
         else:
