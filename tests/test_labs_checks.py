@@ -1,5 +1,5 @@
 """Every lab check passes on the reference, fails on known-wrong mutants with its hint, and reads a stub as
-"not implemented"."""
+"not implemented". Lab-specific tests (bad arguments, independent oracles) are in test_labs_checks_<lab>.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from ftanalysis.labs.checks import LabCheckFailed, NotImplementedYet
 
-LAB_MODULES = {"lora": "labs.mutants_lora"}
+LAB_MODULES = {lab: f"labs.mutants_{lab}" for lab in ("lora", "intruders", "patching", "merging")}
 
 
 def _cases():
@@ -39,16 +39,21 @@ def test_mutant_fails_with_hint(lab, check_name, mutant, hint):
     assert "case" in str(err.value)
 
 
-def test_every_check_has_at_least_two_mutants():
-    for lab, mutants_module in LAB_MODULES.items():
-        module = importlib.import_module(f"ftanalysis.labs.checks.{lab}")
-        mutants = importlib.import_module(mutants_module).MUTANTS
-        checks = [n for n in dir(module) if n.startswith("check_")]
-        for name in checks:
-            assert len(mutants.get(name, [])) >= 2, f"{lab}.{name} needs two mutants"
+@pytest.mark.parametrize("lab", sorted(LAB_MODULES))
+def test_every_check_has_two_mutants_and_a_stub(lab):
+    module = importlib.import_module(f"ftanalysis.labs.checks.{lab}")
+    mutants = importlib.import_module(LAB_MODULES[lab])
+    checks = sorted(n for n in dir(module) if n.startswith("check_"))
+    assert sorted(mutants.MUTANTS) == checks
+    assert sorted(mutants.STUBS) == checks
+    for name in checks:
+        assert len(mutants.MUTANTS[name]) >= 2, f"{lab}.{name} needs two mutants"
 
 
-@pytest.mark.parametrize("lab, check_name", [("lora", n) for n in importlib.import_module("labs.mutants_lora").STUBS])
+@pytest.mark.parametrize(
+    "lab, check_name",
+    [(lab, n) for lab, module in sorted(LAB_MODULES.items()) for n in sorted(importlib.import_module(module).STUBS)],
+)
 def test_stub_reads_as_not_implemented(lab, check_name):
     stub = importlib.import_module(LAB_MODULES[lab]).STUBS[check_name]
     with pytest.raises(NotImplementedYet, match="not implemented yet"):

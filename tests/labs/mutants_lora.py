@@ -81,6 +81,14 @@ def count_tensors(model):
     return sum(1 for p in model.parameters() if p.requires_grad)
 
 
+def merge_stub(module):
+    raise NotImplementedError
+
+
+def count_stub(model):
+    raise NotImplementedError
+
+
 MUTANTS = {
     "check_lora_scaling": [(scaling_alpha, "you returned alpha"), (scaling_always_sqrt, "rsLoRA")],
     "check_lora_linear": [
@@ -91,5 +99,8 @@ MUTANTS = {
     "check_lora_merge": [(merge_without_scaling, "must include the scaling"), (merge_in_place, "must return a new layer")],
     "check_count_trainable": [(count_all, "only those with requires_grad"), (count_tensors, "count scalars")],
 }
-STUBS = {"check_lora_scaling": scaling_stub, "check_lora_linear": LinearStub}
+STUBS = {
+    "check_lora_scaling": scaling_stub, "check_lora_linear": LinearStub,
+    "check_lora_merge": merge_stub, "check_count_trainable": count_stub,
+}
 REFERENCE_ARGS = {"check_lora_merge": ReferenceLoRALinear}
