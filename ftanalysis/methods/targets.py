@@ -18,6 +18,23 @@ import re
 from ..nn.view import ModelView
 
 
+def match_names(entry: str, names: list[str], kind_of) -> set[str]:
+    """The canonical ``names`` one selector picks: a name, a kind (``"attn.q"``, ``"mlp.down"``), ``"attn"`` or
+    ``"mlp"``, or a regular expression matched against whole names. Empty when nothing matches."""
+    if entry in names:
+        return {entry}
+    if entry in ("attn", "mlp"):
+        return {n for n in names if kind_of(n).split(".")[0] == entry}
+    matched = {n for n in names if kind_of(n) == entry}
+    if matched:
+        return matched
+    try:
+        pattern = re.compile(entry)
+    except re.error:
+        return set()
+    return {n for n in names if pattern.fullmatch(n)}
+
+
 def resolve_targets(view: ModelView, target, owner: str = "target") -> list[str]:
     """Canonical names selected by ``target`` (in layer order, without duplicates)."""
     names = view.matrix_names()
@@ -27,21 +44,12 @@ def resolve_targets(view: ModelView, target, owner: str = "target") -> list[str]
     if not entries or not all(isinstance(e, str) for e in entries):
         raise TypeError(f"The 'target' parameter of {owner} must be a string or a list of strings. Got {target!r}.")
     chosen: set[str] = set()
-    kinds = sorted({view.ref(n).kind for n in names})
+    def kind_of(name: str) -> str:
+        return view.ref(name).kind
+
+    kinds = sorted({kind_of(n) for n in names})
     for entry in entries:
-        if entry == "all-linear":
-            matched = set(names)
-        elif entry in names:
-            matched = {entry}
-        elif entry in kinds or entry in ("attn", "mlp"):
-            matched = set(view.matrix_names(entry))
-        else:
-            try:
-                pattern = re.compile(entry)
-            except re.error:
-                matched = set()
-            else:
-                matched = {n for n in names if pattern.fullmatch(n)}
+        matched = set(names) if entry == "all-linear" else match_names(entry, names, kind_of)
         if not matched:
             raise ValueError(
                 f"The target {entry!r} of {owner} matches no weight matrix of this {view.family} model. "

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._validation import check_float, check_int, check_option
+from ..methods.targets import match_names
 from ..nn.view import _BLOCK_LISTS, _LAYOUTS, MatrixRef, ModelView, family_of
 
 SIDES = ("left", "right")
@@ -733,19 +734,7 @@ def _select(names: list[str], kind_of, modules, owner: str) -> list[str]:
     kinds = sorted({kind_of(n) for n in names})
     chosen: set[str] = set()
     for entry in entries:
-        if entry in names:
-            matched = {entry}
-        elif entry in kinds:
-            matched = {n for n in names if kind_of(n) == entry}
-        elif entry in ("attn", "mlp"):
-            matched = {n for n in names if kind_of(n).split(".")[0] == entry}
-        else:
-            try:
-                pattern = re.compile(entry)
-            except re.error:
-                matched = set()
-            else:
-                matched = {n for n in names if pattern.fullmatch(n)}
+        matched = match_names(entry, names, kind_of)
         if not matched:
             raise ValueError(
                 f"The 'modules' entry {entry!r} of {owner} matches no weight matrix. Use a kind among "
