@@ -724,6 +724,14 @@ def _load_adapter(base, adapter: str | Path) -> nn.Module:
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload()
 
 
+def _base_basis(W0: torch.Tensor, source, name: str, side: str, svd_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values and the ``side`` singular vectors of the base matrix, from ``svd_cache`` when given."""
+    if svd_cache is not None:
+        return svd_cache.get(source.key(name, W0), W0, side)
+    U, S, V = _svd(W0)
+    return S, (U if side == "left" else V)
+
+
 def _select(names: list[str], kind_of, modules, owner: str) -> list[str]:
     """Names picked by ``modules`` (None: all): canonical names, kinds, ``"attn"``/``"mlp"`` or regexes."""
     if modules is None:
@@ -873,11 +881,7 @@ def spectral_report(
             _check_finite(W0, f"{name} of 'base'")
             W1 = src1.matrix(name)
             _check_finite(W1, f"{name} of 'ft'")
-            if svd_cache is None:
-                U, S0, V = _svd(W0)
-                B0 = U if side == "left" else V
-            else:
-                S0, B0 = svd_cache.get(src0.key(name, W0), W0, side)
+            S0, B0 = _base_basis(W0, src0, name, side, svd_cache)
             top, max_cos = _probe(W0, W1, S0, B0, k, eps, side, topk)
             dW = W1 - W0
             sigma_dw = singular_values(dW)
@@ -1035,11 +1039,7 @@ def scale_intruders(
             _check_k_fits(k, W0.shape, name, owner)
             _check_finite(W0, f"{name} of 'base'")
             _check_finite(W1, f"{name} of 'ft'")
-            if svd_cache is None:
-                U0, _, V0 = _svd(W0)
-                B0 = U0 if side == "left" else V0
-            else:
-                _, B0 = svd_cache.get(src0.key(name, W0), W0, side)
+            _, B0 = _base_basis(W0, src0, name, side, svd_cache)
             U, S, V = _svd(W1)
             n_check = min(2 * k, len(S)) if control else k
             _, max_cos = _max_abs_cos((U if side == "left" else V)[:, :n_check], B0)

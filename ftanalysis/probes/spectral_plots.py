@@ -85,26 +85,20 @@ def intruders_vs_k_table(reports, ks: Sequence[int] | None = None, eps: float | 
 
 def plot_intruders_vs_eps(reports, eps_grid: Sequence[float] = tuple(np.linspace(0.1, 0.9, 17)), k: int | None = None, ax=None) -> plt.Figure:
     """Model-level intruder count against the threshold ``eps`` at fixed ``k`` (the paper's Fig. 4), one line per report."""
-    table = intruders_vs_eps_table(reports, eps_grid, k)
-    fig, ax = _axes(ax, (4.4, 3.2))
-    for label, group in table.groupby("label", sort=False):
-        ax.plot(group["eps"], group["intruders"], marker="o", ms=3, label=label or None)
-    ax.set_xlabel("eps (cosine threshold)")
-    ax.set_ylabel("intruder dimensions (sum over matrices)")
-    if any(table["label"] != ""):
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _plot_intruder_lines(intruders_vs_eps_table(reports, eps_grid, k), "eps", "eps (cosine threshold)", ax)
 
 
 def plot_intruders_vs_k(reports, ks: Sequence[int] | None = None, eps: float | None = None, ax=None) -> plt.Figure:
     """Model-level intruder count against ``k`` at fixed ``eps`` (the paper's Fig. 15), one line per report."""
-    table = intruders_vs_k_table(reports, ks, eps)
+    return _plot_intruder_lines(intruders_vs_k_table(reports, ks, eps), "k", "k (top singular vectors tested)", ax)
+
+
+def _plot_intruder_lines(table: pd.DataFrame, x: str, xlabel: str, ax) -> plt.Figure:
+    """One line of intruder counts against column ``x`` per report label."""
     fig, ax = _axes(ax, (4.4, 3.2))
     for label, group in table.groupby("label", sort=False):
-        ax.plot(group["k"], group["intruders"], marker="o", ms=3, label=label or None)
-    ax.set_xlabel("k (top singular vectors tested)")
+        ax.plot(group[x], group["intruders"], marker="o", ms=3, label=label or None)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("intruder dimensions (sum over matrices)")
     if any(table["label"] != ""):
         ax.legend(fontsize=7)
