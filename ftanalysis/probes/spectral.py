@@ -46,6 +46,7 @@ from ..nn.view import _BLOCK_LISTS, _LAYOUTS, MatrixRef, ModelView, family_of
 
 SIDES = ("left", "right")
 TOPK_METHODS = ("auto", "svd")
+_EPS64 = float(torch.finfo(torch.float64).eps)
 _EPS32 = float(torch.finfo(torch.float32).eps)
 
 
@@ -109,7 +110,7 @@ def _eigvalsh(G: np.ndarray) -> np.ndarray:
         from scipy.linalg import eigh
     except ImportError:  # scipy is optional: torch gives the same values, a little slower
         return torch.linalg.eigvalsh(torch.from_numpy(G)).numpy()
-    return eigh(G, eigvals_only=True, check_finite=False)
+    return eigh(G, eigvals_only=True, driver="evd", check_finite=False)
 
 
 def _top_eigh(G: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +148,7 @@ def _topk_svd(W: torch.Tensor, k: int, side: str) -> _TopK:
     return _TopK(vectors, S[:k], "svd", torch.zeros(k))
 
 
-def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
+def _topk_gram(W: torch.Tensor, k: int, side: str, gram_dtype: torch.dtype = torch.float64) -> _TopK | None:
     """Top-k singular triplets from the Gram matrix of the smaller side, with Wedin error bounds.
 
     Returns ``None`` when the triplets cannot be certified (a zero singular value among the top k, or clustered
@@ -165,9 +166,12 @@ def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
     m, n = W.shape
     d = min(m, n)
     n_top = min(k + 1, d)
-    A = W.numpy()
     right_first = n <= m  # Gram of the smaller side: W^T W (n x n) gives right vectors
-    G = A.T @ A if right_first else A @ A.T
+    A = W.detach().to(gram_dtype)
+    G = (A.T @ A if right_first else A @ A.T).double().numpy()
+    # the residuals below are always float64, so they measure the float32 Gram's error too; a float64 Gram
+    # certifies clustered top singular values that a float32 one cannot separate
+    W = W.double()
     lam, X = _top_eigh(G, n_top)
     if not np.all(lam > 0):
         return None
@@ -179,7 +183,7 @@ def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
         if not bool((sigma > 0).all()):
             return None
         U = WV / sigma
-        res = (W.T @ U - V * sigma).double().norm(dim=0)  # W V - U sigma = 0 by construction
+        res = (W.T @ U - V * sigma).norm(dim=0)  # W V - U sigma = 0 by construction
     else:
         U = X
         WtU = W.T @ U
@@ -187,9 +191,9 @@ def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
         if not bool((sigma > 0).all()):
             return None
         V = WtU / sigma
-        res = (W @ V - U * sigma).double().norm(dim=0)
-    # rounding of the products above: a few units of float32 precision on sigma_1
-    res = res + 4 * math.sqrt(max(m, n)) * _EPS32 * float(sigma[0])
+        res = (W @ V - U * sigma).norm(dim=0)
+    # rounding of the float64 products above: a few units of float64 precision on sigma_1
+    res = res + 4 * math.sqrt(max(m, n)) * _EPS64 * float(sigma[0])
     s = sigma.double()
     bounds = torch.empty(k, dtype=torch.float64)
     for j in range(k):
@@ -202,8 +206,10 @@ def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
         if gap <= 0:
             return None
         bounds[j] = math.sqrt(2) * min(1.0, float(res[j]) / gap)
-    vectors = (U if side == "left" else V)[:, :k].contiguous()
-    return _TopK(vectors, sigma[:k].clone(), "gram", bounds.float())
+    vectors = (U if side == "left" else V)[:, :k].float().contiguous()
+    # rounding the unit vectors to float32 moves each |cos| by at most sqrt(len) * eps32
+    bounds = bounds + math.sqrt(vectors.shape[0]) * _EPS32
+    return _TopK(vectors, sigma[:k].float(), "gram", bounds.float())
 
 
 # ====================================================================== matrix-level probes
@@ -774,11 +780,14 @@ def _probe(W0, W1, S0, B0, k, eps, side, topk: str):
     """Intruder statistics of one matrix pair given the base's cached ``(S0, basis)``."""
     top = None
     if topk == "auto":
-        gram = _topk_gram(W1, k, side)
-        if gram is not None:
-            _, max_cos = _max_abs_cos(gram.vectors, B0)
-            if bool(((max_cos - eps).abs() > gram.bound + 1e-6).all()):
-                top = gram
+        # a float32 Gram matrix is twice as fast to form; a float64 one certifies clustered singular values
+        for gram_dtype in (torch.float32, torch.float64):
+            gram = _topk_gram(W1, k, side, gram_dtype)
+            if gram is not None:
+                _, max_cos = _max_abs_cos(gram.vectors, B0)
+                if bool(((max_cos - eps).abs() > gram.bound + 1e-6).all()):
+                    top = gram
+                    break
     if top is None:
         top = _topk_svd(W1, k, side)
     _, max_cos = _max_abs_cos(top.vectors, B0)
