@@ -148,7 +148,7 @@ def _topk_svd(W: torch.Tensor, k: int, side: str) -> _TopK:
     return _TopK(vectors, S[:k], "svd", torch.zeros(k))
 
 
-def _topk_gram(W: torch.Tensor, k: int, side: str, gram_dtype: torch.dtype = torch.float64) -> _TopK | None:
+def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
     """Top-k singular triplets from the Gram matrix of the smaller side, with Wedin error bounds.
 
     Returns ``None`` when the triplets cannot be certified (a zero singular value among the top k, or clustered
@@ -167,11 +167,9 @@ def _topk_gram(W: torch.Tensor, k: int, side: str, gram_dtype: torch.dtype = tor
     d = min(m, n)
     n_top = min(k + 1, d)
     right_first = n <= m  # Gram of the smaller side: W^T W (n x n) gives right vectors
-    A = W.detach().to(gram_dtype)
-    G = (A.T @ A if right_first else A @ A.T).double().numpy()
-    # the residuals below are always float64, so they measure the float32 Gram's error too; a float64 Gram
-    # certifies clustered top singular values that a float32 one cannot separate
-    W = W.double()
+    W = W.detach().double()  # a float64 Gram matrix certifies clustered top singular values; float32 cannot
+    A = W.numpy()
+    G = A.T @ A if right_first else A @ A.T
     lam, X = _top_eigh(G, n_top)
     if not np.all(lam > 0):
         return None
@@ -780,14 +778,11 @@ def _probe(W0, W1, S0, B0, k, eps, side, topk: str):
     """Intruder statistics of one matrix pair given the base's cached ``(S0, basis)``."""
     top = None
     if topk == "auto":
-        # a float32 Gram matrix is twice as fast to form; a float64 one certifies clustered singular values
-        for gram_dtype in (torch.float32, torch.float64):
-            gram = _topk_gram(W1, k, side, gram_dtype)
-            if gram is not None:
-                _, max_cos = _max_abs_cos(gram.vectors, B0)
-                if bool(((max_cos - eps).abs() > gram.bound + 1e-6).all()):
-                    top = gram
-                    break
+        gram = _topk_gram(W1, k, side)
+        if gram is not None:
+            _, max_cos = _max_abs_cos(gram.vectors, B0)
+            if bool(((max_cos - eps).abs() > gram.bound + 1e-6).all()):
+                top = gram
     if top is None:
         top = _topk_svd(W1, k, side)
     _, max_cos = _max_abs_cos(top.vectors, B0)
