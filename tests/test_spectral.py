@@ -148,6 +148,58 @@ def test_gram_route_gives_the_full_svd_count():
     assert used_gram >= 30  # the fast route is the one normally taken
 
 
+def _clustered(m: int, n: int, seed: int) -> torch.Tensor:
+    """A Gaussian matrix: its top singular values cluster at the Marchenko-Pastur edge (gaps of ~0.3%)."""
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+@pytest.mark.parametrize("shape", [(600, 300), (300, 300), (300, 600)])
+def test_lanczos_route_matches_the_svd(monkeypatch, shape):
+    """Large matrices take the Lanczos route (no dense eigensolver) and agree with a float64 SVD."""
+    monkeypatch.setattr(sp, "_top_eigh", lambda *a, **kw: pytest.fail("the dense eigensolver was used"))
+    W = _clustered(*shape, seed=1)
+    top = sp._topk_gram(W, 10, "left")
+    U, S, _ = np.linalg.svd(W.double().numpy(), full_matrices=False)
+    assert top is not None and top.path == "gram"
+    assert np.allclose(top.sigma.numpy(), S[:10], rtol=1e-6)
+    assert np.allclose(np.abs(np.sum(top.vectors.double().numpy() * U[:, :10], axis=0)), 1.0, atol=1e-5)
+    assert float(top.bound.max()) < 1e-3
+
+
+def test_rest_check_proves_only_true_top_eigenpairs():
+    """The Cholesky certificate accepts the true top p eigenpairs and rejects a set that misses one."""
+    W = _clustered(400, 300, seed=2).double().numpy()
+    G = W.T @ W
+    lam, X = np.linalg.eigh(G)
+    lam, X = lam[::-1], X[:, ::-1]
+    p, margin = 11, 1e-12
+    below = lam[p] + 1e-9 * lam[0]  # just above the (p+1)-th eigenvalue
+    assert sp._rest_is_below(G, True, lam[:p], np.asfortranarray(X[:, :p]), below, margin)
+    assert not sp._rest_is_below(G, True, lam[:p], np.asfortranarray(X[:, :p]), lam[p] - 1e-6 * lam[0], margin)
+    missing = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11]  # the 4th eigenpair left out, the 12th in its place
+    assert not sp._rest_is_below(G, True, lam[missing], np.asfortranarray(X[:, missing]), lam[11] - 1e-9 * lam[0], margin)
+
+
+def test_lanczos_pairs_that_miss_an_eigenvalue_fall_back(monkeypatch):
+    """If the iterative solver skipped an eigenvalue, the certificate fails and LAPACK's dense solver decides."""
+    W = _clustered(600, 300, seed=3)
+    good = sp._topk_gram(W, 10, "left")
+
+    def skips_the_third(G, n_top, lower):
+        lam, X = np.linalg.eigh(G if lower else G.T)  # only the lower triangle of the transposed upper one
+        lam, X = lam[::-1], X[:, ::-1]
+        keep = [i for i in range(n_top + 1) if i != 2]
+        return lam[keep], np.asfortranarray(X[:, keep])
+
+    used_dense = []
+    dense = sp._top_eigh
+    monkeypatch.setattr(sp, "_top_eigh_lanczos", skips_the_third)
+    monkeypatch.setattr(sp, "_top_eigh", lambda *a: used_dense.append(1) or dense(*a))
+    fixed = sp._topk_gram(W, 10, "left")
+    assert used_dense and fixed is not None
+    assert torch.allclose(fixed.sigma, good.sigma, rtol=1e-6)
+
+
 def test_gram_route_falls_back_when_it_cannot_certify():
     W0, _ = decaying(n=32)
     W1 = torch.eye(32) * 3.0  # all singular values equal: no gap, vectors undetermined

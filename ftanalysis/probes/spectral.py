@@ -48,6 +48,7 @@ SIDES = ("left", "right")
 TOPK_METHODS = ("auto", "svd")
 _EPS64 = float(torch.finfo(torch.float64).eps)
 _EPS32 = float(torch.finfo(torch.float32).eps)
+_LANCZOS_MIN_DIM = 256  # below this, a dense eigensolver of the Gram matrix is as fast
 
 
 # ====================================================================== argument checks
@@ -222,17 +223,76 @@ def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
     ``2 sin(theta / 2) <= sqrt(2) sin(theta)``. So a top-k vector whose ``max |cos|`` lies farther than that
     from ``eps`` is classified exactly as the full SVD would classify it. The other singular values are known to
     within their own residuals (k + 1 triplets are computed, so the k-th vector's gap includes the (k+1)-th).
+
+    The k + 1 eigenpairs come from Lanczos iteration (ARPACK) on large matrices, which could in principle miss
+    an eigenvalue; :func:`_rest_is_below` then proves with one Cholesky factorisation that every eigenvalue
+    not returned lies below the returned ones. Without that proof (or on small matrices) they come from
+    LAPACK's dense solver.
     """
     m, n = W.shape
     d = min(m, n)
     n_top = min(k + 1, d)
-    right_first = n <= m  # Gram of the smaller side: W^T W (n x n) gives right vectors
     W = W.detach().double()  # a float64 Gram matrix certifies clustered top singular values; float32 cannot
-    G, lower = _gram(W.numpy())  # W^T W when right_first, else W W^T
-    lam, X = _top_eigh(G, n_top, lower)
+    G, lower = _gram(W.numpy())  # W^T W when n <= m, else W W^T
+    if d >= _LANCZOS_MIN_DIM and 4 * n_top <= d:
+        pairs = _top_eigh_lanczos(G, n_top, lower)
+        if pairs is not None:
+            top = _certified_triplets(W, *pairs, k, side, rest_check=(G, lower))
+            if top is not None:
+                return top
+    return _certified_triplets(W, *_top_eigh(G, n_top, lower), k, side)
+
+
+def _top_eigh_lanczos(G: np.ndarray, n_top: int, lower: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``n_top`` largest eigenpairs of ``G`` by implicitly restarted Lanczos (None without scipy or when
+    ARPACK does not converge). The start vector is fixed, so results are reproducible."""
+    try:
+        from scipy.linalg.blas import dsymv
+        from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
+    except ImportError:
+        return None
+    d = G.shape[0]
+    op = LinearOperator((d, d), matvec=lambda x: dsymv(1.0, G, np.ravel(x), lower=lower), dtype=np.float64)
+    v0 = np.random.default_rng(0).standard_normal(d)
+    try:
+        lam, X = eigsh(op, k=n_top, which="LA", ncv=min(d, max(2 * n_top + 1, 32)), tol=1e-10, v0=v0)
+    except ArpackError:  # ArpackNoConvergence included
+        return None
+    order = np.argsort(lam)[::-1]
+    return lam[order], np.asfortranarray(X[:, order])
+
+
+def _rest_is_below(G: np.ndarray, lower: bool, lam: np.ndarray, X: np.ndarray, bound: float, margin: float) -> bool:
+    """Whether every eigenvalue of ``G`` but the ``p = len(lam)`` largest is ``<= bound`` (proved, not estimated).
+
+    For any ``X`` with ``p`` columns, ``lambda_{p+1}(G) <= max_{x ⊥ X} x^T G x <= lambda_max(G - X diag(lam) X^T)``
+    (Courant-Fischer). A Cholesky factorisation of ``t I - (G - X diag(lam) X^T)`` exists only when that
+    maximum is below ``t``; ``t = bound - margin``, where ``margin`` covers the rounding of the Gram matrix and of
+    the factorisation (Higham 2002, Thm 10.3).
+    """
+    from scipy.linalg.blas import dsyrk
+    from scipy.linalg.lapack import dpotrf
+
+    Y = np.asfortranarray(X * np.sqrt(lam))
+    M = dsyrk(1.0, Y, beta=-1.0, c=G, trans=0, lower=lower)  # X diag(lam) X^T - G, same triangle as G
+    M[np.diag_indices_from(M)] += bound - margin
+    _, info = dpotrf(M, lower=lower, clean=0, overwrite_a=1)
+    return info == 0
+
+
+def _certified_triplets(W, lam, X, k: int, side: str, rest_check=None) -> _TopK | None:
+    """Singular triplets of float64 ``W`` from the top eigenpairs ``(lam, X)`` of its Gram matrix, with bounds.
+
+    ``rest_check = (G, lower)`` when the eigenpairs might not be the top ones (Lanczos): then every other
+    singular value must be proved below all of the computed ones (see :func:`_rest_is_below`).
+    """
+    m, n = W.shape
+    d = min(m, n)
+    n_top = len(lam)
+    right_first = n <= m
     if not np.all(lam > 0):
         return None
-    X = torch.from_numpy(X)
+    X = torch.from_numpy(np.ascontiguousarray(X))
     if right_first:
         V = X
         WV = W @ V  # [m, n_top]
@@ -250,16 +310,28 @@ def _topk_gram(W: torch.Tensor, k: int, side: str) -> _TopK | None:
         V = WtU / sigma
         res = (W @ V - U * sigma).norm(dim=0)
     # rounding of the float64 products above: a few units of float64 precision on sigma_1
-    res = res + 4 * math.sqrt(max(m, n)) * _EPS64 * float(sigma[0])
+    res = res + 4 * math.sqrt(max(m, n)) * _EPS64 * float(sigma.max())
     s = sigma.double()
+    s_low = float((s - res).min())  # every computed singular value lies within its residual of a true one
+    if rest_check is not None:
+        if s_low <= 0:
+            return None
+        G, lower = rest_check
+        s1_sq, fro_sq = float(s.max() + res.max()) ** 2, float(np.trace(G))  # trace(W^T W) = |W|_F^2
+        margin = _EPS64 * (4 * d * (d + 1) * s1_sq + 2 * max(m, n) * fro_sq + 2 * n_top * d * s1_sq)
+        if not _rest_is_below(G, lower, lam, X.numpy(), s_low**2, margin):
+            return None
     bounds = torch.empty(k, dtype=torch.float64)
     for j in range(k):
         others = [i for i in range(n_top) if i != j]
         if not others:
             gap = float(s[j]) - float(res[j])  # a single singular value: distance to 0 bounds the gap
         else:
-            # singular values below the (k+1)-th lie farther from sigma_j than it does
+            # singular values below the (k+1)-th lie farther from sigma_j than it does (LAPACK's top k + 1;
+            # after Lanczos, proved by the rest check: all of them are below s_low)
             gap = min(abs(float(s[j]) - float(s[i])) - float(res[i]) for i in others) - float(res[j])
+            if rest_check is not None:
+                gap = min(gap, float(s[j]) - s_low - float(res[j]))
         if gap <= 0:
             return None
         bounds[j] = math.sqrt(2) * min(1.0, float(res[j]) / gap)
@@ -885,8 +957,9 @@ def spectral_report(
         Where the base's SVDs are kept: None/True uses a process-wide in-memory cache, a directory a disk
         cache, False none. A second report against the same base then skips every base SVD.
     topk : {"auto", "svd"}, default="auto"
-        ``"svd"`` takes the top-k of ``W1`` from a full SVD (the reference). ``"auto"`` takes them from an
-        eigendecomposition of the Gram matrix of the smaller side (only the k + 1 largest eigenpairs) and keeps
+        ``"svd"`` takes the top-k of ``W1`` from a full SVD (the reference). ``"auto"`` takes them from the k + 1
+        largest eigenpairs of the Gram matrix of the smaller side (Lanczos iteration with a Cholesky proof that
+        no eigenvalue was missed, or LAPACK's dense solver on small matrices) and keeps
         them only where Wedin's bound proves that every top-k vector falls on the same side of ``eps`` as the
         exact one would (column ``topk_path`` says ``"gram"``); elsewhere it falls back to the full SVD.
     energy : float, default=0.9
@@ -942,7 +1015,8 @@ def spectral_report(
         rows = []
         for name in tqdm(names, desc="spectral report", disable=not progress, leave=False):
             W0, W1 = src0.matrix(name), src1.matrix(name)
-            dW = W1.double() - W0.double()  # exact: float32 operands, float64 difference
+            W1 = W1.double()  # exact; the Gram matrices need float64
+            dW = W1 - W0.double()  # exact: float32 operands, float64 difference
             w0_norm, dw_norm = float(W0.norm()), float(dW.norm())
             _check_finite_by_norm(W0, w0_norm, f"{name} of 'base'")
             _check_finite_by_norm(W1, dw_norm, f"{name} of 'ft'")
