@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Make the fine-tuned checkpoints of the entity-tracking circuits notebook.")
     parser.add_argument("--base", default="gpt2-tiny")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--boxes", nargs=2, type=int, default=(5, 7), metavar=("LOW", "HIGH"),
+    parser.add_argument("--boxes", nargs=2, type=int, default=(5, 8), metavar=("LOW", "HIGH"),
                         help="box counts of the entity-tracking fine-tuning data (inclusive range)")
     parser.add_argument("--steps", type=int, default=None, help="override every recipe's number of steps")
     parser.add_argument("--out", default="data/finetuned")
