@@ -14,10 +14,11 @@
 # (data/finetuned/, entity tracking 5-8 boxes + 50% replay, 1500 steps; control: subtraction). Measured at 8 boxes:
 # Claim 1 holds (base 0.201 [0.169, 0.238] -> fine-tuned 0.418 [0.376, 0.461]; control 0.229). Claim 4 (CMAP)
 # holds (recovered 0.97, random heads 0.49) and Claim 5 (attribution vs exact patching, Spearman 0.999).
-# Open: (1) the object-mover path-patching scores are exactly 0.0 for every layer-0 head (receiver 'v' at the
-# context label): suspect a bug in path_patching's value-input route, check it first; without object movers
-# every head off the last token is mean-ablated, so faithfulness is 0.58 (random 0.43) in the base and 0.29 in
-# the fine-tuned model; (2) Claim 3's 2x-chance assertion cannot hold with 8 heads (4 of 4 shared, chance 2.49):
+# Open: (1) the object-mover path-patching scores are exactly 0.0 for every layer-0 head: not a bug, the value
+# fetchers attend to the object token itself (4 before the context label), so their value input at the label is
+# unused; the base likely fetches by position, so the search needs a K-composition step (what writes the
+# fetchers' keys at the object positions). Without it every head off the last token is mean-ablated and
+# faithfulness is 0.58 (random 0.43) in the base and 0.29 in the fine-tuned model; (2) Claim 3's 2x-chance assertion cannot hold with 8 heads (4 of 4 shared, chance 2.49):
 # use the hypergeometric probability of an overlap that large (1/70 here); (3) DCM selects empty sets at
 # 'previous query label'.
 
