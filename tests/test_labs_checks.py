@@ -4,12 +4,21 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
 from ftanalysis.labs.checks import LabCheckFailed, NotImplementedYet
 
-LAB_MODULES = {lab: f"labs.mutants_{lab}" for lab in ("lora", "intruders", "patching", "merging")}
+# one mutants module per lab check module: tests/labs/mutants_<lab>.py for ftanalysis/labs/checks/<lab>.py
+LAB_MODULES = {p.stem.removeprefix("mutants_"): f"labs.{p.stem}" for p in sorted((Path(__file__).parent / "labs").glob("mutants_*.py"))}
+
+
+def test_every_check_module_has_mutants():
+    import ftanalysis.labs.checks as package
+
+    modules = {p.stem for p in Path(package.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    assert modules == set(LAB_MODULES), f"check modules {sorted(modules)} vs mutants {sorted(LAB_MODULES)}"
 
 
 def _cases():
