@@ -20,7 +20,7 @@ from .circuit import Circuit, CircuitEvaluation, evaluate_circuit, mean_head_out
 from .cmap import CMAPResult, cmap
 from .dcm import DCMResult, dcm
 from .entity import EntityBatch, corrupt_binding, corrupt_query, desiderata, entity_batch
-from .entity_circuit import EntityCircuitSearch, find_entity_circuit
+from .entity_circuit import CircuitCompletion, EntityCircuitSearch, complete_circuit, find_entity_circuit
 from .finetunes import load_finetuned
 from .hooks import ActivationCache, HookPoint, act_name, hook_names, hooks, run_with_cache, run_with_hooks
 from .metrics import answer_logit, answer_logprob, logit_diff
@@ -55,6 +55,8 @@ __all__ = [
     "entity_batch",
     "evaluate_circuit",
     "find_entity_circuit",
+    "complete_circuit",
+    "CircuitCompletion",
     "hook_names",
     "hooks",
     "load_finetuned",
