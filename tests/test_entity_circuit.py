@@ -4,7 +4,6 @@ greedy completion is consistent with an independent circuit-only evaluation."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import ftanalysis as fta
 from ftanalysis.probes import circuits as C

@@ -60,8 +60,8 @@ class EntityCircuitSearch:
 
         from .plots import head_heatmap
 
-        fig, axes = plt.subplots(1, len(self.scores), figsize=(4.2 * len(self.scores), 2.8))
-        for ax, (name, result) in zip(axes, self.scores.items()):
+        fig, axes = plt.subplots(1, len(self.scores), figsize=(4.2 * len(self.scores), 2.8), squeeze=False)
+        for ax, (name, result) in zip(axes[0], self.scores.items()):
             head_heatmap(result.effect, title=f"{name}: path-patching score", ax=ax)
         fig.tight_layout()
         return fig

@@ -15,7 +15,17 @@ so 0 means "restoring c alone does nothing" and 1 means "restoring c alone resto
 
 Batching: the corrupted batch of ``n`` examples is repeated ``k`` times along the batch axis and copy ``i``
 is patched at component ``i`` of the chunk, so ``k`` components cost one forward pass instead of ``k``
-(``batch_size`` bounds ``k * n``). The numbers are those of one forward pass per component (tested).
+(``batch_size`` bounds ``k * n``). Two exact savings on top, both from causality:
+
+- components are swept from the last position backwards, and a chunk whose earliest patched position is
+  ``p`` runs only positions ``p, p + 1, ...``: everything before ``p`` is the corrupted run's, so its keys
+  and values come from the corrupted run's cache and its logits are the corrupted logits;
+- a chunk whose components all sit in layers ``>= l`` starts at block ``l`` from the corrupted run's
+  residual stream: the blocks below run on nothing that differs from the corrupted run;
+- a component whose clean activation equals its corrupted one (positions before the first token where the
+  prompts differ) cannot change anything: its patched metric is the corrupted metric, with no forward pass.
+
+The numbers are those of one forward pass per component (tested; ``method="loop"`` is that reference).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..._validation import check_int, check_option
 from ._common import as_ids, call_metric, check_head_indices, check_layers, check_pair, model_device
-from .hooks import _forward, _view, act_name, run_with_cache, run_with_hooks
+from .hooks import ActivationCache, _view, act_name, hooks, run_with_cache, run_with_hooks
 
 PER_HEAD = ("z", "q", "k", "v", "pattern")
 PER_LAYER = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -229,9 +239,11 @@ def activation_patching(
     n = clean.shape[0]
 
     with eval_mode(model), torch.no_grad():
-        clean_logits, cache = run_with_cache(model, clean, names_filter=[act_name(component, layer) for layer in layers])
+        names = [act_name(component, layer) for layer in layers]
+        clean_logits, cache = run_with_cache(model, clean, names_filter=names)
         clean_metric = float(call_metric(metric, clean_logits, n, owner).mean())
-        corrupt_metric = float(call_metric(metric, _forward(model, corrupt), n, owner).mean())
+        corrupt_run = _CorruptRun.of(model, corrupt, names, method == "batched")
+        corrupt_metric = float(call_metric(metric, corrupt_run.logits, n, owner).mean())
         sources = {layer: to_pos_major(cache[component, layer], component) for layer in layers}
 
         # components: (layer, clean positions, corrupt positions, head or None), in output order
@@ -246,11 +258,17 @@ def activation_patching(
             dims = ("layer", "pos")
             comps = [(ly, cp, xp, None) for ly in layers for cp, xp in zip(clean_pos, corrupt_pos)]
         k = 1 if method == "loop" else max(1, batch_size // n)
-        values = []
-        chunks = range(0, len(comps), k)
-        for start in tqdm(chunks, desc=f"patching {component}", disable=not progress):
-            chunk = comps[start : start + k]
-            values.extend(_run_chunk(model, corrupt, chunk, sources, component, metric, n, owner, view))
+        values: list[float] = [corrupt_metric] * len(comps)
+        order = list(range(len(comps)))
+        if method == "batched":
+            targets = {layer: to_pos_major(corrupt_run.cache[component, layer], component) for layer in layers}
+            order = [i for i in order if not _unchanged(comps[i], sources, targets)]  # exact: effect 0
+            order.sort(key=lambda i: (comps[i][0], -_first_position(comps[i][2])))  # by layer, latest positions first
+        chunks = _chunks(order, comps, k, span=max(1, corrupt.shape[1] // 4) if method == "batched" else None)
+        for chunk_index in tqdm(chunks, desc=f"patching {component}", disable=not progress):
+            chunk = [comps[i] for i in chunk_index]
+            for i, value in zip(chunk_index, _run_chunk(model, corrupt_run, chunk, sources, component, metric, n, owner, view)):
+                values[i] = value
 
     shape = {"layer": len(layers), "pos": len(corrupt_pos), "head": len(heads) if per_head else 0}
     patched = torch.tensor(values).reshape([shape[d] for d in dims])
@@ -277,12 +295,91 @@ def activation_patching(
     )
 
 
-def _run_chunk(model, corrupt, chunk, sources, component, metric, n, owner, view) -> list[float]:
-    """One forward pass over ``len(chunk)`` copies of the corrupted batch, copy ``i`` patched at ``chunk[i]``."""
+def _chunks(order: list[int], comps: list, k: int, span: int | None) -> list[list[int]]:
+    """Split ``order`` into forward passes of at most ``k`` components; with ``span``, a pass also stays in one
+    layer and covers fewer than ``span`` positions, so that it can skip the blocks below and the positions before."""
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and len(chunks[-1]) < k:
+            first = comps[chunks[-1][0]]
+            if span is None or (comps[i][0] == first[0] and _first_position(first[2]) - _first_position(comps[i][2]) < span):
+                chunks[-1].append(i)
+                continue
+        chunks.append([i])
+    return chunks
+
+
+def _first_position(corrupt_p) -> int:
+    return int(corrupt_p.min()) if isinstance(corrupt_p, torch.Tensor) else int(corrupt_p)
+
+
+def _unchanged(comp, sources, targets) -> bool:
+    """True when the clean activation of ``comp`` equals the corrupted one, so patching it changes nothing."""
+    layer, clean_p, corrupt_p, head = comp
+    if isinstance(corrupt_p, torch.Tensor) or sources[layer].shape[1:] != targets[layer].shape[1:]:
+        return False
+    src, dst = sources[layer][:, clean_p], targets[layer][:, corrupt_p]
+    return bool(torch.equal(src, dst) if head is None else torch.equal(src[:, head], dst[:, head]))
+
+
+@dataclass
+class _CorruptRun:
+    """The corrupted run: its logits, the swept activations, and its key/value cache (None if unavailable)."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    cache: object
+    past: object
+    blocks: list | None = None  # the decoder blocks, when they can be skipped (each returns a plain tensor)
+
+    @classmethod
+    def of(cls, model, corrupt: torch.Tensor, names: list[str], fast: bool) -> "_CorruptRun":
+        """The corrupted run; with ``fast``, also its cache, residual streams and skippable blocks."""
+        if fast:
+            view = _view(model)
+            names = list(dict.fromkeys([*names, *(act_name("resid_pre", layer) for layer in range(view.n_layers))]))
+            cache, outputs = ActivationCache(), []
+            probe = view.blocks[0].register_forward_hook(lambda _m, _a, out: outputs.append(isinstance(out, torch.Tensor)))
+            try:
+                with hooks(model, cache=cache, names_filter=names, view=view):
+                    out = model(input_ids=corrupt, use_cache=True)
+            except TypeError:  # a model whose forward takes no cache argument
+                out = None
+            finally:
+                probe.remove()
+            past = getattr(out, "past_key_values", None)
+            if out is not None and hasattr(out, "logits") and _usable_past(past):
+                skippable = all(outputs) and not any("forward" in vars(b) for b in view.blocks)
+                return cls(corrupt, out.logits, cache, past, list(view.blocks) if skippable else None)
+        logits, cache = run_with_cache(model, corrupt, names_filter=names)
+        return cls(corrupt, logits, cache, None)
+
+    def prefix_cache(self, p: int, k: int):
+        """A fresh cache holding the corrupted keys and values of positions ``< p``, tiled ``k`` times."""
+        from transformers import DynamicCache
+
+        fresh = DynamicCache()
+        for layer_idx, layer in enumerate(self.past.layers):
+            fresh.update(layer.keys[:, :, :p].repeat(k, 1, 1, 1), layer.values[:, :, :p].repeat(k, 1, 1, 1), layer_idx)
+        return fresh
+
+
+def _usable_past(past) -> bool:
+    layers = getattr(past, "layers", None)
+    return bool(layers) and all(getattr(layer, "keys", None) is not None for layer in layers)
+
+
+def _run_chunk(model, corrupt_run: _CorruptRun, chunk, sources, component, metric, n, owner, view) -> list[float]:
+    """One forward pass over ``len(chunk)`` copies of the corrupted batch, copy ``i`` patched at ``chunk[i]``.
+
+    With the corrupted run's cache, only positions from the chunk's earliest patched one onwards are run.
+    """
     k = len(chunk)
+    corrupt = corrupt_run.ids
+    start = min(_first_position(c[2]) for c in chunk) if corrupt_run.past is not None else 0
     by_layer: dict[int, list] = defaultdict(list)
     for copy, (layer, clean_p, corrupt_p, head) in enumerate(chunk):
-        by_layer[layer].append((copy, clean_p, corrupt_p, head))
+        by_layer[layer].append((copy, clean_p, corrupt_p - start, head))
 
     def make_hook(layer: int):
         src = sources[layer]  # clean activation, position-major [n, pos, (head,) ...]
@@ -299,6 +396,27 @@ def _run_chunk(model, corrupt, chunk, sources, component, metric, n, owner, view
         return hook
 
     fwd_hooks = [(act_name(component, layer), make_hook(layer)) for layer in by_layer]
-    logits = run_with_hooks(model, corrupt.repeat(k, 1), fwd_hooks=fwd_hooks, view=view)  # [k * n, pos, vocab], copy-major
+    if start == 0 and corrupt_run.blocks is None:
+        logits = run_with_hooks(model, corrupt.repeat(k, 1), fwd_hooks=fwd_hooks, view=view)  # [k * n, pos, vocab], copy-major
+    else:
+        first_layer = min(by_layer) if corrupt_run.blocks is not None else 0
+        resid = corrupt_run.cache["resid_pre", first_layer][:, start:].repeat(k, 1, 1) if first_layer else None
+        kwargs = {"past_key_values": corrupt_run.prefix_cache(start, k), "use_cache": True} if start else {}
+        with _skipping(corrupt_run.blocks, first_layer, resid):
+            tail = run_with_hooks(model, corrupt[:, start:].repeat(k, 1), fwd_hooks=fwd_hooks, view=view, **kwargs)
+        logits = torch.cat([corrupt_run.logits[:, :start].repeat(k, 1, 1), tail], dim=1) if start else tail
     return [float(call_metric(metric, logits[i * n : (i + 1) * n], n, owner).mean()) for i in range(k)]
 
+
+@contextmanager
+def _skipping(blocks, upto: int, resid):
+    """Blocks ``0 .. upto - 1`` return ``resid`` (the corrupted residual stream entering block ``upto``) without
+    computing anything."""
+    skipped = list(blocks[:upto]) if upto else []
+    for block in skipped:
+        block.forward = lambda *args, **kwargs: resid
+    try:
+        yield
+    finally:
+        for block in skipped:
+            del block.forward
