@@ -17,6 +17,7 @@ from ftanalysis.probes.circuits import (
     run_with_cache,
     run_with_hooks,
 )
+from ftanalysis.probes.circuits._common import rank
 
 
 def pair(seed=0, batch=3, seq=6, changed=(2,)):
@@ -154,7 +155,12 @@ def test_attribution_patching_is_exact_for_a_linear_metric_on_a_linear_toy(compo
     estimate = attribution_patching(model, clean, corrupt, metric, component=component, layers=[1])
     torch.testing.assert_close(estimate.effect, exact.effect, atol=1e-5, rtol=0)
     comparison = compare_with_exact(estimate, exact, top_k=5)
-    assert comparison.spearman > 0.999 and comparison.top_overlap == 1.0
+    assert comparison.top_overlap == 1.0
+    # ranks agree wherever there is an effect to rank (components that cannot matter are exactly 0 in the
+    # exact sweep and float noise of 1e-6 in the estimate, which makes their ranks arbitrary)
+    moved = exact.effect.abs() > 1e-4
+    assert moved.any()
+    assert torch.equal(rank(estimate.effect[moved]), rank(exact.effect[moved]))
 
 
 def test_attribution_patching_leaves_parameter_gradients_alone_and_is_not_exact_in_general():
