@@ -4,7 +4,7 @@
 of ``fta.finetune``. The key is the ``repr`` of everything that determines the result (base model name,
 task, method, hyper-parameters, seed), so a changed argument never returns a stale model. Training is
 deterministic on CPU, which is what makes reuse within a run honest; the cache lives in ``$FTA_CACHE_DIR``
-(default ``~/.cache/ftanalysis``) and ``FTA_CACHE=0`` turns it off.
+(default: the platform's cache folder, ``~/.cache/ftanalysis`` on Linux) and ``FTA_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._paths import user_cache_dir
 from .train import _dedupe_shared, finetune
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FTA_CACHE_DIR", Path.home() / ".cache" / "ftanalysis"))
+    """The folder of cached fine-tunes: :func:`ftanalysis._paths.user_cache_dir`."""
+    return user_cache_dir()
 
 
 def cache_enabled() -> bool:

