@@ -123,6 +123,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, digest: str) -> Path:
     fresh.eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
