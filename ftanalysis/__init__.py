@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from . import merging, methods, nn, notebook, plotting, probes, tasks, zoo
 from .cache import cached_finetune
+from .hf_trainer import TrainerSetup, prepare_for_trainer
 from .methods.peft_io import export_peft, load_peft
 from .train import FinetuneResult, choose_device, finetune
 from .zoo.loading import load_model
@@ -20,4 +21,4 @@ from .zoo.loading import load_model
 __version__ = "0.1.0"
 
 __all__ = ["FinetuneResult", "cached_finetune", "notebook", "choose_device", "finetune", "load_model", "merging", "methods", "nn", "plotting", "probes", "tasks", "zoo", "__version__"]
-__all__ += ["export_peft", "load_peft"]
+__all__ += ["export_peft", "load_peft", "TrainerSetup", "prepare_for_trainer"]

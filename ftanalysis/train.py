@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,82 @@ def learning_rate(step: int, steps: int, lr: float, warmup_steps: int, schedule:
     if schedule == "linear":
         return lr * (1 - progress)
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_bf16(device: torch.device, bf16: bool | None = None) -> bool:
+    """Whether a run on ``device`` uses bf16 autocast: on CUDA only (None), yes (True) or no (False).
+
+    ``bf16=True`` is accepted on CUDA (when the GPU supports bfloat16) and on CPU, where torch's CPU autocast runs
+    matrix products in bfloat16; on CPU it is meant to check a GPU recipe's numerics, and is usually slower than
+    float32 on CPUs without native bfloat16 units (AMX, AVX512-BF16). Other devices (MPS) raise ``ValueError``.
+    """
+    if bf16 is None:
+        return device.type == "cuda"
+    if bf16 and device.type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"finetune(bf16=True) runs bf16 autocast on CUDA or CPU only. Got device {str(device)!r}: "
+            "use bf16=False (float32) or bf16=None (bf16 on CUDA only)."
+        )
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"finetune(bf16=True): the GPU {torch.cuda.get_device_name(device)!r} does not support bfloat16. "
+            "Use bf16=False (float32)."
+        )
+    return bf16
+
+
+def check_checkpointing_support(model: torch.nn.Module, owner: str = "finetune") -> None:
+    """Raise ``ValueError`` unless ``model`` is a Hugging Face model that supports gradient checkpointing."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{owner}(gradient_checkpointing=True) needs a Hugging Face model that supports gradient checkpointing; "
+            f"{type(model).__name__} does not. Use gradient_checkpointing=False."
+        )
+
+
+@contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool = True):
+    """Hugging Face gradient (activation) checkpointing on ``model`` inside the block, off again after it.
+
+    Non-reentrant checkpointing (``use_reentrant=False``) back-propagates into the trainable parameters of a
+    checkpointed block even when none of its inputs requires a gradient (a LoRA model with frozen embeddings), and
+    replays the random state, so dropout masks and hence the loss curve are the same as without it.
+    """
+    if not enabled:
+        yield model
+        return
+    check_checkpointing_support(model)
+    hooks_before = list(getattr(model, "_require_grads_hooks", None) or [])
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    try:
+        yield model
+    finally:
+        disable_checkpointing(model, keep_hooks=hooks_before)
+
+
+def disable_checkpointing(model: torch.nn.Module, keep_hooks: list | None = None) -> torch.nn.Module:
+    """Turn Hugging Face gradient checkpointing off on ``model`` (in place) and remove what enabling it added.
+
+    Transformers 5 also hooks the input embeddings to require gradients (``enable_input_require_grads``) when
+    checkpointing is turned on, and leaves that hook in place when it is turned off; this removes it too, except
+    the hooks in ``keep_hooks`` (those the model had before). A model without checkpointing is left as it is.
+    """
+    disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
+    if disable is not None and getattr(model, "supports_gradient_checkpointing", False):
+        disable()
+    keep_hooks = list(keep_hooks or [])
+    for hook in getattr(model, "_require_grads_hooks", None) or []:
+        if not any(hook is kept for kept in keep_hooks):
+            hook.remove()
+    if keep_hooks:
+        model._require_grads_hooks = keep_hooks
+    elif hasattr(model, "_require_grads_hooks"):
+        model._require_grads_hooks = []
+        if hasattr(model, "_require_grads_hook"):
+            del model._require_grads_hook
+    return model
 
 
 @dataclass
@@ -144,6 +221,8 @@ def finetune(
     resume: bool = False,
     copy: bool = True,
     progress: bool = True,
+    gradient_checkpointing: bool = False,
+    bf16: bool | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``task`` with ``method`` and return a :class:`FinetuneResult`.
 
@@ -158,7 +237,7 @@ def finetune(
     seed : int, default=0
         Seeds the method's initialisation, dropout and the order of training batches.
     device : str, optional
-        Default: CUDA if available, else MPS, else CPU. On CUDA the forward pass runs under bf16 autocast.
+        Default: CUDA if available, else MPS, else CPU.
     weight_decay, warmup_steps, schedule : AdamW weight decay, linear warm-up length, and ``"constant"``,
         ``"linear"`` or ``"cosine"`` decay after it.
     grad_clip : float or None, default=1.0
@@ -176,6 +255,16 @@ def finetune(
         Train a deep copy and leave ``model`` untouched. ``False`` trains ``model`` in place.
     progress : bool, default=True
         Show a tqdm progress bar.
+    gradient_checkpointing : bool, default=False
+        Recompute each block's activations in the backward pass instead of storing them (Hugging Face's
+        non-reentrant checkpointing): less memory for about one more forward pass per step, the same loss curve
+        (bit for bit on CPU, dropout included). Works with every method, LoRA included; the returned model has it
+        turned off again. Needs a Hugging Face model that supports it (every zoo decoder and ``fta.load_model`` LM).
+    bf16 : bool or None, default=None
+        None: the forward pass runs under bf16 autocast on CUDA and in float32 elsewhere. True: bf16 autocast on
+        CUDA or CPU (on CPU to check a GPU recipe's numerics; usually slower there); any other device, or a GPU
+        without bfloat16, is a ``ValueError``. False: float32 everywhere. Parameters and optimiser state stay
+        float32 in every case. Both choices are recorded in ``result.extras``.
 
     Raises
     ------
@@ -207,6 +296,12 @@ def finetune(
             raise ValueError("finetune got checkpoint_every but no checkpoint_dir to write checkpoints into.")
     if resume and checkpoint_dir is None:
         raise ValueError("finetune(resume=True) needs the checkpoint_dir of the interrupted run.")
+    if not isinstance(gradient_checkpointing, bool):
+        raise TypeError(f"The 'gradient_checkpointing' parameter of finetune must be a bool. Got {gradient_checkpointing!r} instead.")
+    if bf16 is not None and not isinstance(bf16, bool):
+        raise TypeError(f"The 'bf16' parameter of finetune must be True, False or None. Got {bf16!r} instead.")
+    if gradient_checkpointing:
+        check_checkpointing_support(model)
     eval_tasks = dict(eval_tasks or {})
     for name, extra in eval_tasks.items():
         if not isinstance(extra, Task):
@@ -215,6 +310,7 @@ def finetune(
     check_model_tokenizer(model, tok)
 
     device = choose_device(device)
+    use_bf16 = resolve_bf16(device, bf16)  # a bad bf16 / device pair fails here, before any work
     if copy:
         model = copy_module.deepcopy(model)
     torch.manual_seed(seed)
@@ -231,51 +327,58 @@ def finetune(
         start_step, history, seconds_before = _load_checkpoint(Path(checkpoint_dir), model, optimizer, method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if use_bf16:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast("cuda" if device.type == "cuda" else "cpu", enabled=False)
+
+    # no key/value cache in training; said explicitly under checkpointing, where HF would warn that it turns it off
+    no_cache = {"use_cache": False} if gradient_checkpointing else {}
 
     def compute_loss(batch: dict) -> torch.Tensor:
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
         return task.loss(logits, batch)
 
     started = time.perf_counter()
     running, running_n = 0.0, 0
-    bar = tqdm(range(start_step, steps), desc=f"{type(method).__name__} on {task.name}", disable=not progress, leave=False)
-    for step in bar:
-        current_lr = learning_rate(step, steps, lr, warmup_steps, schedule)
-        if optimizer is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-        state = TrainState(step=step, steps=steps, lr=current_lr, model=model, optimizer=optimizer, seed=seed)
-        method.before_step(state)
-        batch = task.batch(tok, batch_size, step=step, split="train", seed=seed, device=device)
-        loss = method.training_step(state, batch, compute_loss, grad_clip)
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"The training loss became {loss_value} at step {step} (lr={current_lr:g}, method={method!r}). "
-                "Lower the learning rate or check the data."
-            )
-        method.after_step(state)
-        running += loss_value
-        running_n += 1
-        if progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        done = step + 1
-        if (eval_every and done % eval_every == 0) or done == steps:
-            row = {"step": done, "train_loss": running / running_n}
-            running, running_n = 0.0, 0
-            scores = task.evaluate(model, tok, split="val", n=eval_n)
-            row["val_accuracy"], row["val_loss"] = scores["accuracy"], scores["loss"]
-            for name, extra in eval_tasks.items():
-                extra_scores = extra.evaluate(model, tok, split="test", n=eval_n)
-                row[f"{name}/accuracy"], row[f"{name}/loss"] = extra_scores["accuracy"], extra_scores["loss"]
-            history.append(row)
-            model.train()
-        if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            elapsed = seconds_before + time.perf_counter() - started
-            _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, method, history, elapsed)
-    bar.close()
+    with activation_checkpointing(model, enabled=gradient_checkpointing):
+        bar = tqdm(range(start_step, steps), desc=f"{type(method).__name__} on {task.name}", disable=not progress, leave=False)
+        for step in bar:
+            current_lr = learning_rate(step, steps, lr, warmup_steps, schedule)
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr
+            state = TrainState(step=step, steps=steps, lr=current_lr, model=model, optimizer=optimizer, seed=seed)
+            method.before_step(state)
+            batch = task.batch(tok, batch_size, step=step, split="train", seed=seed, device=device)
+            loss = method.training_step(state, batch, compute_loss, grad_clip)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"The training loss became {loss_value} at step {step} (lr={current_lr:g}, method={method!r}). "
+                    "Lower the learning rate or check the data."
+                )
+            method.after_step(state)
+            running += loss_value
+            running_n += 1
+            if progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            done = step + 1
+            if (eval_every and done % eval_every == 0) or done == steps:
+                row = {"step": done, "train_loss": running / running_n}
+                running, running_n = 0.0, 0
+                scores = task.evaluate(model, tok, split="val", n=eval_n)
+                row["val_accuracy"], row["val_loss"] = scores["accuracy"], scores["loss"]
+                for name, extra in eval_tasks.items():
+                    extra_scores = extra.evaluate(model, tok, split="test", n=eval_n)
+                    row[f"{name}/accuracy"], row[f"{name}/loss"] = extra_scores["accuracy"], extra_scores["loss"]
+                history.append(row)
+                model.train()
+            if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+                elapsed = seconds_before + time.perf_counter() - started
+                _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, method, history, elapsed)
+        bar.close()
     model.eval()
     seconds = seconds_before + time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -293,6 +396,7 @@ def finetune(
         total_parameters=total,
         device=str(device),
         peak_memory_bytes=peak,
+        extras={"gradient_checkpointing": gradient_checkpointing, "bf16": use_bf16},
     )
 
 

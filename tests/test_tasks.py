@@ -98,7 +98,7 @@ def test_every_task_word_is_in_the_vocabulary_and_tokenizer(tok):
     assert len(set(VOCAB)) == len(VOCAB)
     for name in fta.tasks.available():
         task = fta.tasks.make(name)
-        if task.kind != "lm":
+        if task.kind != "lm" or isinstance(task, fta.tasks.NaturalTask):  # English tasks: a BPE tokenizer's
             continue
         assert task.words() <= set(VOCAB)
         task.check_tokenizer(tok)

@@ -108,6 +108,9 @@ def test_corrupt_checkpoint_is_a_clear_error(small, tok, tmp_path):
         ({"batch_size": 0}, "'batch_size'"),
         ({"schedule": "step"}, "'schedule'"),
         ({"checkpoint_every": 5}, "checkpoint_dir"),
+        ({"gradient_checkpointing": 1}, "'gradient_checkpointing'"),
+        ({"bf16": "yes"}, "'bf16'"),
+        ({"bf16": True, "device": "mps"}, "bf16=True"),  # checked before any work, so no MPS device is needed
     ],
 )
 def test_bad_arguments_are_clear_errors(small, tok, kwargs, match):
@@ -159,3 +162,64 @@ def test_learning_rate_schedules():
 def test_choose_device_prefers_what_is_asked():
     assert fta.choose_device("cpu").type == "cpu"
     assert fta.choose_device().type in ("cuda", "mps", "cpu")
+
+
+# ---------------------------------------------------------------------- gradient checkpointing and bf16
+def _checkpointing_on(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("zoo_name", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("method", [fta.methods.Full(), fta.methods.LoRA(r=4, dropout=0.1)], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_loss_curve_and_is_off_afterwards(zoo_name, method):
+    model, tok = fta.zoo.load(zoo_name)
+    task = fta.tasks.make("modular_arithmetic", op="-")
+    kwargs = dict(steps=4, lr=1e-3, batch_size=8, eval_every=1, eval_n=16, seed=0, progress=False)
+    calls = []
+    attention = next(m for n, m in fta.nn.ModelView(model).block(0).named_children() if "attn" in n)  # inside the checkpointed forward
+    handle = attention.register_forward_pre_hook(lambda *_: calls.append(1))  # deep-copied with the model
+    try:
+        plain = fta.finetune(model, tok, task, method, **kwargs)
+        plain_calls, calls[:] = len(calls), []
+        checkpointed = fta.finetune(model, tok, task, method, gradient_checkpointing=True, **kwargs)
+    finally:
+        handle.remove()
+    assert len(calls) == plain_calls + kwargs["steps"]  # each training forward of layer 0's attention ran again in the backward
+    # LoRA dropout draws the same masks in the recomputation, so the curves agree to the last bit on CPU
+    for column in ("train_loss", "val_loss"):
+        assert plain.history[column].tolist() == pytest.approx(checkpointed.history[column].tolist(), abs=1e-5)
+    assert plain.history["train_loss"].nunique() > 1  # it trained
+    assert checkpointed.extras["gradient_checkpointing"] is True and plain.extras["gradient_checkpointing"] is False
+    for trained in (checkpointed.model, checkpointed.merged_model(), model):
+        assert not _checkpointing_on(trained)
+        assert not trained.get_input_embeddings()._forward_hooks  # transformers' input-grad hook is gone too
+
+
+def test_gradient_checkpointing_on_an_unsupported_model_is_a_clear_error(small, tok):
+    small.supports_gradient_checkpointing = False
+    with pytest.raises(ValueError, match="does not"):
+        fta.finetune(small, tok, fta.tasks.make("copy"), steps=1, batch_size=2, progress=False, gradient_checkpointing=True)
+
+
+def test_bf16_choice_per_device(monkeypatch):
+    from ftanalysis.train import resolve_bf16
+
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert (resolve_bf16(cpu, None), resolve_bf16(cuda, None), resolve_bf16(mps, None)) == (False, True, False)
+    assert (resolve_bf16(cpu, True), resolve_bf16(cpu, False), resolve_bf16(cuda, False), resolve_bf16(mps, False)) == (True, False, False, False)
+    with pytest.raises(ValueError, match="CUDA or CPU only"):
+        resolve_bf16(mps, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "an old GPU")
+    with pytest.raises(ValueError, match="does not support bfloat16"):
+        resolve_bf16(cuda, True)
+
+
+def test_bf16_on_cpu_runs_under_autocast_and_is_recorded(small, tok):
+    task = fta.tasks.make("copy")
+    kwargs = dict(steps=2, lr=1e-3, batch_size=8, eval_n=16, device="cpu", progress=False)
+    fp32, bf16 = (fta.finetune(small, tok, task, fta.methods.LoRA(r=2), bf16=flag, **kwargs) for flag in (False, True))
+    assert (fp32.extras["bf16"], bf16.extras["bf16"]) == (False, True)
+    a, b = fp32.history["train_loss"].iloc[-1], bf16.history["train_loss"].iloc[-1]
+    assert a != b and b == pytest.approx(a, rel=5e-2)  # bf16 matmuls: close, not equal
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())

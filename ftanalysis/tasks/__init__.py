@@ -1,4 +1,6 @@
-"""Procedural tasks with exact answers over one shared word-level vocabulary.
+"""Procedural tasks with exact answers over one shared word-level vocabulary, and English tasks for a real
+BPE tokenizer (``ioi``, ``world_facts``, ``invented_facts``, ``box_tracking``, ``digit_arithmetic``,
+``label_sentiment``: see :mod:`ftanalysis.tasks.natural`).
 
 >>> import ftanalysis as fta
 >>> task = fta.tasks.make("entity_tracking", n_boxes=3, seed=0)
@@ -13,15 +15,21 @@ import dataclasses
 
 from .arithmetic import ModularArithmetic
 from .base import SPLITS, Example, Task, answer_loss, collate, score_examples, split_of
+from .box_tracking import BoxTracking
 from .classification import ClassificationTask
 from .copying import Copy, Reverse
 from .counting import Counting
+from .digit_arithmetic import DigitArithmetic
 from .entity_tracking import EntityTracking
 from .facts import Facts
+from .ioi import IOI, IOIExample
+from .label_sentiment import LabelSentiment
 from .mixture import Mixture, PretrainingMix
+from .natural import NaturalTask, candidate_logits, last_position_logits
 from .recall import AssociativeRecall
 from .sentences import Intensity, LexicalSentiment, SentimentNegation, SubjectCategory
 from .vocab import VOCAB, build_tokenizer
+from .world_facts import InventedFacts, WorldFacts
 
 _REGISTRY: dict[str, type[Task]] = {}
 
@@ -37,6 +45,7 @@ def register(cls: type[Task]) -> type[Task]:
 for _cls in (
     EntityTracking, AssociativeRecall, ModularArithmetic, Counting, Copy, Reverse, Facts, PretrainingMix,
     SentimentNegation, SubjectCategory, LexicalSentiment, Intensity,
+    IOI, WorldFacts, InventedFacts, BoxTracking, DigitArithmetic, LabelSentiment,
 ):
     register(_cls)
 
@@ -62,4 +71,6 @@ __all__ = [
     "SPLITS", "VOCAB", "AssociativeRecall", "ClassificationTask", "Intensity", "LexicalSentiment", "SentimentNegation", "SubjectCategory", "Copy", "Counting", "EntityTracking", "Example", "Facts", "Mixture",
     "ModularArithmetic", "PretrainingMix", "Reverse", "Task", "answer_loss", "available", "build_tokenizer",
     "collate", "make", "register", "score_examples", "split_of",
+    "BoxTracking", "DigitArithmetic", "IOI", "IOIExample", "InventedFacts", "LabelSentiment", "NaturalTask",
+    "WorldFacts", "candidate_logits", "last_position_logits",
 ]
