@@ -31,6 +31,16 @@ from .forgetting import (  # noqa: E402,F401
     retention,
     reverse_finetune,
 )
+from .language_retention import (  # noqa: E402,F401
+    LMRetention,
+    WindowMean,
+    continuations,
+    lm_retention,
+    reference_text,
+    text_loss,
+    text_windows,
+    token_kl,
+)
 from .localization import (  # noqa: E402,F401
     GraftResult,
     GraftSweep,
