@@ -41,6 +41,8 @@ def test_listed_and_loaded_as_a_float32_llama(loaded):
     assert len(tok) == 49_152 and tok.pad_token is not None
     view = fta.nn.ModelView(model)
     assert (view.family, view.n_layers, len(view.matrix_names())) == ("llama", 30, 210)
+    card = model.zoo_card  # the shipped card of what it can do, measured by ftanalysis.experiments.smollm2_card
+    assert card["evaluation"]["ioi"]["ci95"][0] > 0.9 and card["evaluation"]["box_tracking_5"]["ci95"][0] < 0.3
 
 
 def test_cached_folder_is_a_plain_checkpoint_with_the_gguf_digest(loaded):
