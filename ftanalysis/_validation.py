@@ -52,9 +52,41 @@ def check_float(
     return value
 
 
+def check_bool(value: Any, name: str, owner: str) -> bool:
+    """Return ``value`` if it is a bool (a truthy string such as ``"no"`` would otherwise pass silently)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"The {name!r} parameter of {owner} must be True or False. Got {value!r} instead.")
+    return value
+
+
 def check_option(value: Any, name: str, owner: str, options: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``options``."""
     options = list(options)
     if value not in options:
         raise ValueError(f"The {name!r} parameter of {owner} must be one of {options}. Got {value!r} instead.")
     return value
+
+
+def check_device(device: Any):
+    """``torch.device(device)`` for a device this machine has; ``TypeError``/``ValueError`` naming ``device`` otherwise."""
+    import torch
+
+    accepted = "None (the best available), 'cpu', 'cuda', 'cuda:<index>' or 'mps'"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"The 'device' parameter must be {accepted}, or a torch.device. Got {device!r} instead.")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"The 'device' parameter must be {accepted}. Got {device!r} instead.") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"The 'device' parameter is {device!r} but no CUDA GPU is available here (torch.cuda.is_available() "
+                "is False). Use device='cpu', or None to pick the best available device."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"The 'device' parameter is {device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                f"(indices 0..{torch.cuda.device_count() - 1})."
+            )
+    return dev

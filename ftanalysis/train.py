@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +29,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._validation import check_float, check_int, check_option
-from .tasks.base import Task, check_model_tokenizer
+from ._safe_load import safe_torch_load
+from ._validation import check_bool, check_device, check_float, check_int, check_option
+from .tasks.base import Task, check_model_tokenizer, check_task_model
 
 SCHEDULES = ("constant", "linear", "cosine")
 
 
 def choose_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, or the best available one: CUDA, then Apple MPS, then CPU."""
+    """The requested device, or the best available one: CUDA, then Apple MPS, then CPU.
+
+    Raises ``TypeError`` for a device that is not a str or ``torch.device`` and ``ValueError`` for an unknown
+    device string or a CUDA device this machine does not have (``"cuda"`` without a GPU, ``"cuda:3"`` with one).
+    """
     if device is not None:
-        return torch.device(device)
+        return check_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
@@ -274,6 +280,14 @@ def finetune(
     from .methods import Full, Method
 
     method = Full() if method is None else method
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"The 'model' parameter of finetune must be a torch nn.Module (e.g. from fta.zoo.load). Got {type(model).__name__}."
+        )
+    if tok is None or not callable(tok) or not hasattr(tok, "get_vocab"):
+        raise TypeError(
+            f"The 'tok' parameter of finetune must be the model's tokenizer (e.g. from fta.zoo.load). Got {type(tok).__name__}."
+        )
     if not isinstance(task, Task):
         raise TypeError(f"The 'task' parameter of finetune must be an ftanalysis Task (fta.tasks.make). Got {type(task).__name__}.")
     if not isinstance(method, Method):
@@ -294,20 +308,37 @@ def finetune(
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", "finetune", 1)
         if checkpoint_dir is None:
             raise ValueError("finetune got checkpoint_every but no checkpoint_dir to write checkpoints into.")
+    for flag, value in (("resume", resume), ("copy", copy), ("progress", progress)):
+        check_bool(value, flag, "finetune")
     if resume and checkpoint_dir is None:
         raise ValueError("finetune(resume=True) needs the checkpoint_dir of the interrupted run.")
+    if checkpoint_dir is not None and checkpoint_every is None and not resume:
+        raise ValueError(
+            "finetune got checkpoint_dir but no checkpoint_every, so no checkpoint would be written: give "
+            "checkpoint_every=N (steps between checkpoints), or resume=True to continue from checkpoint_dir."
+        )
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"The 'gradient_checkpointing' parameter of finetune must be a bool. Got {gradient_checkpointing!r} instead.")
     if bf16 is not None and not isinstance(bf16, bool):
         raise TypeError(f"The 'bf16' parameter of finetune must be True, False or None. Got {bf16!r} instead.")
     if gradient_checkpointing:
         check_checkpointing_support(model)
+    if eval_tasks is not None and not isinstance(eval_tasks, Mapping):
+        raise TypeError(
+            "The 'eval_tasks' parameter of finetune must be a dict of name -> Task, e.g. "
+            f"{{'mix': fta.tasks.make('pretraining_mix')}}. Got {type(eval_tasks).__name__}: {eval_tasks!r}."[:400]
+        )
     eval_tasks = dict(eval_tasks or {})
     for name, extra in eval_tasks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"The 'eval_tasks' parameter of finetune must be keyed by names (str). Got the key {name!r}.")
         if not isinstance(extra, Task):
             raise TypeError(f"eval_tasks[{name!r}] must be a Task. Got {type(extra).__name__}.")
     task.check_tokenizer(tok)
     check_model_tokenizer(model, tok)
+    check_task_model(model, tok, task, "finetune")
+    for name, extra in eval_tasks.items():
+        check_task_model(model, tok, extra, "finetune", name=f"eval_tasks[{name!r}]")
 
     device = choose_device(device)
     use_bf16 = resolve_bf16(device, bf16)  # a bad bf16 / device pair fails here, before any work
@@ -441,12 +472,12 @@ def latest_checkpoint(root: Path) -> Path:
 
 def _load_checkpoint(root: Path, model, optimizer, method) -> tuple[int, list, float]:
     path = latest_checkpoint(root)
+    extra = safe_torch_load(path / "rng_and_method.pt", "checkpoint file")
     try:
         state = load_file(str(path / "model.safetensors"))
         meta = json.loads((path / "trainer_state.json").read_text())
-        extra = torch.load(path / "rng_and_method.pt", weights_only=True)
     except Exception as err:
-        raise ValueError(f"The checkpoint {path} is corrupt or incomplete: {err}") from err
+        raise ValueError(f"The checkpoint {path} is corrupt or incomplete (model.safetensors or trainer_state.json): {err}") from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
     if unexpected or set(missing) - tied:
@@ -455,7 +486,7 @@ def _load_checkpoint(root: Path, model, optimizer, method) -> tuple[int, list, f
             f"unexpected {sorted(unexpected)[:5]}. Resume with the same base model and method."
         )
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt", "checkpoint file"))
     torch.set_rng_state(extra["torch"])
     method.load_state_dict(extra["method"])
     return int(meta["step"]), list(meta["history"]), float(meta["seconds"])

@@ -231,3 +231,72 @@ def test_export_bad_input(tmp_path):
     pissa = fta.methods.LoRA(r=2, init="pissa", target="attn.q").apply(make_tiny("llama"), copy=True)
     with pytest.raises(ValueError, match="residual"):
         fta.export_peft(pissa, tmp_path)
+
+
+@pytest.mark.parametrize("zoo_name", ["gpt2-tiny", "llama-tiny"])
+def test_export_of_a_chain_of_lora_covers_every_link(tmp_path, zoo_name):
+    """Issue 23: a 3-link ChainLoRA exported only its last link (logits off by up to 18.6); now the whole chain."""
+    model, tok = fta.zoo.load(zoo_name)
+    chain = fta.methods.ChainLoRA(r=2, alpha=4, restart_every=4)
+    result = fta.finetune(model, tok, fta.tasks.make("copy"), chain, steps=12, lr=1e-2, batch_size=8, eval_n=16, progress=False)
+    assert result.method.links_ == 3
+    path = fta.export_peft(result, tmp_path / "chain")
+    config = json.loads((path / "adapter_config.json").read_text())
+    layer = next(iter(chain.lora_layers(result.model).values()))
+    assert layer.merged_links == 2 and config["r"] in (2 * 3, 2 * 3 * len(layer.parts))  # r x links (x parts of c_attn)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3]])
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        assert (expected - model(input_ids=ids).logits).abs().max() > 1.0  # the fine-tune moved the logits
+        ours = fta.load_peft(model, path)(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()(input_ids=ids).logits
+    # float32 rounding of three merges into the wrapped weights: the merged model itself is ~1e-5 from the live one
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-5)
+    # delta_weights covers the chain too: base + delta is the merged model's weight
+    merged, base = fta.nn.ModelView(result.merged_model()), fta.nn.ModelView(model)
+    for name, delta in chain.delta_weights(result.model).items():
+        torch.testing.assert_close(base.get(name) + delta, merged.get(name), atol=1e-5, rtol=1e-5)
+
+
+def test_restart_of_a_plain_lora_is_refused():
+    lora = fta.methods.LoRA(r=2, target="attn.q")
+    adapted = lora.apply(make_tiny("llama"), copy=True)
+    with pytest.raises(ValueError, match="plain LoRA layer"):
+        fta.methods.ChainLoRA(r=2, target="attn.q").restart(adapted)
+
+
+@pytest.mark.parametrize(
+    "zoo_name, method",
+    [
+        ("gpt2-tiny", fta.methods.LoRA(r=2, alpha=3, rslora=True, dropout=0.1, init="kaiming", train_a=False)),
+        ("llama-tiny", fta.methods.DoRA(r=2, alpha=4, rslora=True, target=["attn", "mlp.up"])),
+        ("gpt2-tiny", fta.methods.ChainLoRA(r=1, alpha=2, rslora=True, restart_every=2, target=["attn.q", "attn.v"])),
+    ],
+    ids=["lora-rslora-kaiming-b-only", "dora-rslora", "chain-rslora-qv"],
+)
+def test_export_of_every_lora_family_finetune_gives_its_logits(tmp_path, zoo_name, method):
+    """Issue 23: no other LoRA-family fine-tune loses part of its update on export (trained through fta.finetune)."""
+    model, tok = fta.zoo.load(zoo_name)
+    result = fta.finetune(model, tok, fta.tasks.make("copy"), method, steps=5, lr=1e-2, batch_size=8, eval_n=8, progress=False)
+    path = fta.export_peft(result, tmp_path / "adapter")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(path)).eval()(input_ids=ids).logits
+        ours = fta.load_peft(model, path)(input_ids=ids).logits
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [fta.methods.ChainLoRA(r=2, init="pissa", restart_every=2, target="attn.q"), fta.methods.CorDA(r=2, target="attn.q", n_batches=1, batch_size=4)],
+    ids=["chain-pissa", "corda"],
+)
+def test_export_of_residual_base_finetunes_is_refused(tmp_path, method):
+    """PiSSA links and CorDA hold W0 - s B0 A0 in the wrapped weight: an adapter would not apply to the base."""
+    model, tok = fta.zoo.load("gpt2-tiny")
+    result = fta.finetune(model, tok, fta.tasks.make("copy"), method, steps=3, lr=1e-3, batch_size=4, eval_n=4, progress=False)
+    with pytest.raises(ValueError, match="residual"):
+        fta.export_peft(result, tmp_path / "adapter")

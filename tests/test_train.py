@@ -51,7 +51,11 @@ def test_same_seed_same_numbers_other_seed_differs(small, tok):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
-@pytest.mark.parametrize("method", [fta.methods.Full(), fta.methods.LoRA(r=2, dropout=0.1)], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "method",
+    [fta.methods.Full(), fta.methods.LoRA(r=2, dropout=0.1), fta.methods.ChainLoRA(r=2, restart_every=3)],
+    ids=["full", "lora", "chain-lora"],  # chain: the merged links (grown buffers) come back from the checkpoint
+)
 def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(small, tok, tmp_path, method):
     task = fta.tasks.make("copy")
     kwargs = dict(steps=8, lr=5e-3, batch_size=8, seed=3, eval_every=4, progress=False, schedule="cosine", warmup_steps=2)

@@ -12,6 +12,8 @@ merged first) and ``rule.merge_vectors(task_vectors)`` works on updates.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .arithmetic import TaskArithmetic
 from .base import MergeRule
 from .breadcrumbs import Breadcrumbs, breadcrumbs_mask, breadcrumbs_sparsify
@@ -46,14 +48,19 @@ def available() -> dict[str, str]:
 
 def get(name: str) -> type[MergeRule]:
     """The rule class registered under ``name``."""
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"Unknown merging rule {name!r}. Available: {sorted(_REGISTRY)}.")
     return _REGISTRY[name]
 
 
 def merge(name: str, base, models, weights=None, **options):
     """``get(name)(**options).merge(base, models, weights)``: e.g. ``merge("ties", base, [ft1, ft2], k=0.2)``."""
-    return get(name)(**options).merge(base, models, weights)
+    cls = get(name)
+    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"The merging rule {name!r} got unknown option(s) {unknown}. Accepted options: {accepted}.")
+    return cls(**options).merge(base, models, weights)
 
 
 __all__ = [

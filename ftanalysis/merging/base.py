@@ -18,7 +18,8 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from .task_vector import TaskVector, materialize, task_vectors
+from .._validation import check_float
+from .task_vector import TaskVector, check_finite, materialize, task_vectors
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,12 @@ class MergeRule:
 
     def merge(self, base, models: Sequence, weights: Sequence[float] | None = None):
         """Merge fine-tuned ``models`` of ``base`` into one; returns a new model (or a state dict)."""
+        owner = f"{type(self).__name__}.merge"
         models = self._check_models(models)
-        base = materialize(base, f"{type(self).__name__}.merge")
-        vectors = task_vectors(base, models)
+        base = materialize(base, owner)
+        vectors = task_vectors(base, models, owner)
         merged = self.merge_vectors(vectors, weights=weights)
+        check_finite(merged, f"The merged update of {owner} (finite inputs, so an overflow: lower 'lam' or the weights)")
         return merged.apply_to(base)
 
     __call__ = merge
@@ -51,7 +54,7 @@ class MergeRule:
         models = list(models)
         if len(models) < self.min_models or (self.max_models is not None and len(models) > self.max_models):
             accepted = f"{self.min_models}" + ("" if self.max_models == self.min_models else f"..{self.max_models or 'inf'}")
-            raise ValueError(f"{owner} needs {accepted} model(s). Got {len(models)}.")
+            raise ValueError(f"The 'models' parameter of {owner} needs {accepted} model(s). Got {len(models)}.")
         return models
 
     def _check_vectors(self, vectors: Sequence[TaskVector], weights: Sequence[float] | None) -> tuple[list[TaskVector], list[float]]:
@@ -60,14 +63,22 @@ class MergeRule:
         if len(vectors) < self.min_models or (self.max_models is not None and len(vectors) > self.max_models):
             raise ValueError(f"{owner} got {len(vectors)} task vectors; it needs at least {self.min_models}" + (
                 f" and at most {self.max_models}." if self.max_models is not None else "."))
-        for v in vectors:
+        for i, v in enumerate(vectors):
             if not isinstance(v, TaskVector):
                 raise TypeError(f"{owner} expects TaskVector objects. Got {type(v).__name__}.")
+            check_finite(v, f"Task vector {i} given to {owner}")
         for v in vectors[1:]:
             vectors[0]._check_other(v)
         if weights is None:
             weights = [1.0] * len(vectors)
-        weights = [float(w) for w in weights]
+        if isinstance(weights, torch.Tensor) and weights.ndim == 1:
+            weights = weights.tolist()
+        if isinstance(weights, (str, bytes, torch.Tensor)) or not hasattr(weights, "__len__"):
+            raise TypeError(
+                f"The 'weights' parameter of {owner} must be None or a list of finite numbers, one per model "
+                f"({len(vectors)}). Got {weights!r} instead."
+            )
+        weights = [check_float(w, f"weights[{i}]", owner) for i, w in enumerate(weights)]
         if len(weights) != len(vectors):
             raise ValueError(f"The 'weights' parameter of {owner} needs one weight per model ({len(vectors)}). Got {len(weights)}.")
         return vectors, weights

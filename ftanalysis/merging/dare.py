@@ -17,7 +17,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from .._validation import check_float, check_int, check_option
+from .._validation import check_bool, check_float, check_int, check_option
 from .base import MergeRule
 from .task_vector import TaskVector
 from .ties import SIGN_METHODS, ties_combine
@@ -78,6 +78,7 @@ class DARE(MergeRule):
         check_float(self.lam, "lam", "DARE")
         check_option(self.combine, "combine", "DARE", COMBINES)
         check_option(self.sign_method, "sign_method", "DARE", SIGN_METHODS)
+        check_bool(self.rescale, "rescale", "DARE")
         check_int(self.seed, "seed", "DARE")
 
     def merge_vectors(self, vectors: Sequence[TaskVector], weights: Sequence[float] | None = None) -> TaskVector:

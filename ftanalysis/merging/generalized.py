@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from .._validation import check_float, check_int, check_option
+from .._validation import check_bool, check_float, check_int, check_option
 from .base import MergeRule
 from .breadcrumbs import breadcrumbs_sparsify
 from .dare import drop_and_rescale
 from .task_vector import TaskVector
-from .ties import SIGN_METHODS, ties_combine, trim
+from .ties import SCOPES, SIGN_METHODS, ties_combine, trim
 
 SPARSIFIERS = (None, "magnitude", "random", "breadcrumbs")
 
@@ -78,7 +78,14 @@ class GeneralizedMerge(MergeRule):
         check_float(self.gamma, "gamma", "GeneralizedMerge", 0.0, 1.0)
         check_option(self.sign, "sign", "GeneralizedMerge", (None, *SIGN_METHODS))
         check_float(self.lam, "lam", "GeneralizedMerge")
+        check_option(self.trim_scope, "trim_scope", "GeneralizedMerge", SCOPES)
+        check_bool(self.rescale, "rescale", "GeneralizedMerge")
         check_int(self.seed, "seed", "GeneralizedMerge")
+        if self.sparsify == "breadcrumbs" and self.beta + self.gamma >= 1.0:
+            raise ValueError(
+                "GeneralizedMerge(sparsify='breadcrumbs') keeps 1 - beta - gamma of the entries: beta + gamma must be "
+                f"< 1. Got {self.beta} + {self.gamma}."
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GeneralizedMerge":

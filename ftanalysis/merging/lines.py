@@ -23,15 +23,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
-from .._validation import check_float
+from .._validation import check_bool, check_float, check_int
 from .base import MergeRule
 from .task_vector import TaskVector
 
 
 def lines_factors(n_layers: int, alpha: float, beta: float) -> list[float]:
     """``[lambda(1), ..., lambda(L)]`` with ``lambda(l) = alpha + beta (l - 1) / (L - 1)`` (``alpha + beta`` if L = 1)."""
-    if n_layers < 1:
+    if isinstance(n_layers, int) and not isinstance(n_layers, bool) and n_layers < 1:
         raise ValueError(f"LiNeS needs a model with at least one block. Got n_layers={n_layers}.")
+    check_int(n_layers, "n_layers", "lines_factors", 1)
+    alpha = check_float(alpha, "alpha", "lines_factors")
+    beta = check_float(beta, "beta", "lines_factors")
     if n_layers == 1:
         return [alpha + beta]
     return [alpha + beta * (layer - 1) / (n_layers - 1) for layer in range(1, n_layers + 1)]
@@ -81,6 +84,7 @@ class LiNeS(MergeRule):
             check_float(self.beta, "beta", "LiNeS")
         if self.rule is not None and not isinstance(self.rule, MergeRule):
             raise TypeError(f"The 'rule' parameter of LiNeS must be a MergeRule or None. Got {type(self.rule).__name__}.")
+        check_bool(self.keep_new_parameters, "keep_new_parameters", "LiNeS")
 
     @property
     def effective_beta(self) -> float:

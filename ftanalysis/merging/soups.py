@@ -16,22 +16,26 @@ Bundled results of the paper's code (72 CLIP ViT-B/32 fine-tunes on ImageNet): b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Callable, ClassVar, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 
 from .base import MergeRule
-from .task_vector import TaskVector, materialize, task_vectors
+from .task_vector import TaskVector, _parameters, check_finite, materialize, task_vectors
 
 
-def _average(models: Sequence) -> object:
+def _average(models: Sequence, owner: str = "soup") -> object:
     """The parameter-wise mean of models (or state dicts) of one architecture, as a new model / dict."""
-    template = materialize(models[0], "soup")
+    template = materialize(models[0], owner)
+    check_finite(_parameters(template)[0], f"The 'models' parameter of {owner}: model 0")
     if len(models) == 1:
         return TaskVector.from_models(template, template).apply_to(template, 0.0)
-    others = task_vectors(template, models[1:])
+    others = task_vectors(template, models, owner)[1:]  # model i's vector is named "model i"
     return (sum(others) / len(models)).apply_to(template)
 
 
@@ -49,7 +53,7 @@ class UniformSoup(MergeRule):
     def merge(self, base, models: Sequence, weights: Sequence[float] | None = None):
         if weights is not None:
             raise ValueError("UniformSoup does not take weights (use TaskArithmetic for a weighted sum). Got weights.")
-        return _average(self._check_models(models))
+        return _average(self._check_models(models), "UniformSoup.merge")
 
     __call__ = merge
 
@@ -117,17 +121,30 @@ class GreedySoup(MergeRule):
         if not callable(self.metric):
             raise TypeError(f"The 'metric' parameter of GreedySoup must be a callable model -> float. Got {self.metric!r}.")
 
+    def _score(self, model) -> float:
+        value = self.metric(model)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+            raise ValueError(
+                f"The 'metric' of GreedySoup must return a finite number (higher is better). Got {value!r}: a NaN "
+                "score would silently never be 'higher', so the soup would skip ingredients without a word."
+            )
+        return float(value)
+
     def search(self, models: Sequence) -> GreedySoupResult:
         """Run the greedy search and return the soup with its history."""
         models = [materialize(m, "GreedySoup") for m in self._check_models(models)]
-        individual = [float(self.metric(m)) for m in models]
+        for i, m in enumerate(models):
+            check_finite(_parameters(m)[0], f"The 'models' parameter of GreedySoup.search: model {i}")
+        individual = [self._score(m) for m in models]
         order = sorted(range(len(models)), key=lambda i: -individual[i])
         chosen = [order[0]]
         soup, best = models[order[0]], individual[order[0]]
         rows = [{"model": order[0], "individual_score": best, "candidate_score": best, "added": True, "soup_score": best}]
         for i in order[1:]:
             candidate = _average([models[j] for j in chosen + [i]])
-            score = float(self.metric(candidate))
+            score = self._score(candidate)
             added = score > best  # strictly higher, as in the paper's code
             if added:
                 chosen.append(i)

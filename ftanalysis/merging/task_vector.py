@@ -14,6 +14,7 @@ of the base model (or returns a state dict when the base is one).
 from __future__ import annotations
 
 import copy as copy_module
+import math
 import re
 from numbers import Real
 from pathlib import Path
@@ -129,6 +130,28 @@ def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
             )
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming the first parameter of ``tensors`` with a NaN or infinite entry.
+
+    A merge of a non-finite model (or with a non-finite weight) would return a NaN model without a word.
+    """
+    bad = [k for k, v in tensors.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more parameter(s))" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{what} has NaN or infinite entries in {bad[0]!r}{more}; merging needs finite weights. Check the model "
+            "(a diverged fine-tune?) before merging it."
+        )
+
+
+def _check_scale(scale, what: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"{what} must be a real number. Got {scale!r} instead.")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{what} must be a finite number. Got {scale!r} instead.")
+    return float(scale)
+
+
 # ---------------------------------------------------------------------- the task vector
 class TaskVector:
     """``tau = theta_ft - theta_base`` over every trainable float parameter (tied parameters once).
@@ -172,6 +195,12 @@ class TaskVector:
     ):
         if not isinstance(vector, Mapping) or not vector:
             raise ValueError(f"The 'vector' parameter of TaskVector must be a non-empty dict of tensors. Got {type(vector).__name__}.")
+        bad = [k for k, v in vector.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(
+                f"The 'vector' parameter of TaskVector must map names to torch tensors. {bad[0]!r} holds a "
+                f"{type(vector[bad[0]]).__name__}."
+            )
         self.vector = {k: v.detach().to("cpu", torch.float32) for k, v in vector.items()}
         self.block_prefix = block_prefix
         self.aliases = dict(aliases or {})
@@ -300,12 +329,16 @@ class TaskVector:
     def __mul__(self, scale) -> "TaskVector":
         if isinstance(scale, bool) or not isinstance(scale, Real):
             raise TypeError(f"A TaskVector is scaled by a real number. Got {type(scale).__name__}.")
-        return self.like({k: v * float(scale) for k, v in self.vector.items()})
+        scale = _check_scale(scale, "The scale of a TaskVector")
+        return self.like({k: v * scale for k, v in self.vector.items()})
 
     __rmul__ = __mul__
 
     def __truediv__(self, scale) -> "TaskVector":
-        return self * (1.0 / float(scale))
+        scale = _check_scale(scale, "The divisor of a TaskVector")
+        if scale == 0:
+            raise ValueError("The divisor of a TaskVector must be a non-zero finite number. Got 0.")
+        return self * (1.0 / scale)
 
     # ------------------------------------------------------------------ application
     @torch.no_grad()
@@ -315,6 +348,7 @@ class TaskVector:
         Parameters not in the task vector (and integer buffers) keep the base's values. ``base`` is never
         modified. Raises ``ValueError`` if ``base`` does not have this vector's parameters and shapes.
         """
+        scale = _check_scale(scale, "The 'scale' parameter of TaskVector.apply_to")
         base = materialize(base, "TaskVector.apply_to")
         params, _ = _parameters(base)
         check_compatible(params, self.vector, "a base model and a task vector")
@@ -348,12 +382,21 @@ class TaskVector:
         return f"TaskVector(parameters={len(self)}, numel={self.numel()}, n_layers={self.n_layers}, l2={self.norm():.4g})"
 
 
-def task_vectors(base, models) -> list[TaskVector]:
-    """``[TaskVector.from_models(base, m) for m in models]`` with the base materialised once."""
-    if isinstance(models, (nn.Module, Mapping, TaskVector)) or not hasattr(models, "__iter__"):
-        raise TypeError(f"Expected a list of fine-tuned models. Got {type(models).__name__}.")
-    base = materialize(base)
-    return [m if isinstance(m, TaskVector) else TaskVector.from_models(base, m) for m in models]
+def task_vectors(base, models, owner: str = "task_vectors") -> list[TaskVector]:
+    """``[TaskVector.from_models(base, m) for m in models]`` with the base materialised once.
+
+    Raises ``ValueError`` when the base or a model has NaN or infinite weights (the argument is named).
+    """
+    if isinstance(models, (nn.Module, Mapping, TaskVector)) or isinstance(models, str) or not hasattr(models, "__iter__"):
+        raise TypeError(f"The 'models' parameter of {owner} must be a list of fine-tuned models. Got {type(models).__name__}.")
+    base = materialize(base, owner)
+    check_finite(_parameters(base)[0], f"The 'base' model of {owner}")
+    vectors = []
+    for i, m in enumerate(models):
+        vector = m if isinstance(m, TaskVector) else TaskVector.from_models(base, m)
+        check_finite(vector, f"The 'models' parameter of {owner}: model {i}")
+        vectors.append(vector)
+    return vectors
 
 
 def sign_conflicts(vectors: list[TaskVector]) -> float:

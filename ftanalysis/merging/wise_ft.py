@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from .._validation import check_float
+from .._validation import check_bool, check_float
 from .base import MergeRule
 from .task_vector import TaskVector
 
@@ -50,6 +50,7 @@ class WiSEFT(MergeRule):
 
     def __post_init__(self):
         check_float(self.alpha, "alpha", "WiSEFT")
+        check_bool(self.keep_new_parameters, "keep_new_parameters", "WiSEFT")
 
     def merge_vectors(self, vectors: Sequence[TaskVector], weights: Sequence[float] | None = None) -> TaskVector:
         vectors, weights = self._check_vectors(vectors, weights)

@@ -21,7 +21,16 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from .._validation import check_bool
+
 APPLIED_ATTR = "_fta_methods"
+
+
+def check_bool_fields(config) -> None:
+    """``TypeError`` for a ``bool`` option holding anything else (``rslora="no"`` would otherwise count as True)."""
+    for f in fields(config):
+        if f.init and f.type in ("bool", bool):
+            check_bool(getattr(config, f.name), f.name, type(config).__name__)
 
 
 @dataclass
@@ -42,6 +51,8 @@ class Method:
         """Make ``model`` trainable with this method; **in place** unless ``copy=True``. Returns the model."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}.apply expects a torch nn.Module. Got {type(model).__name__}.")
+        check_bool(copy, "copy", f"{type(self).__name__}.apply")
+        check_bool_fields(self)
         if copy:
             model = copy_module.deepcopy(model)
         applied = getattr(model, APPLIED_ATTR, [])

@@ -81,6 +81,13 @@ class LoRALayer(nn.Module):
         """``scaling * B @ A`` for one part, ``(rows, in)``, float32."""
         return self.scaling * (self.lora_B[key].float() @ self.lora_A[key].float())
 
+    def update_factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (R, in), B (rows, R))``, float32 and detached, with ``scaling * B @ A`` the part's whole update.
+
+        The live adapter here; :class:`ftanalysis.methods.chain.ChainLoRALayer` adds the links already merged.
+        """
+        return self.lora_A[key].detach().float(), self.lora_B[key].detach().float()
+
     def part_update(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """The low-rank contribution of one part for input ``x`` (already through dropout)."""
         A, B = self.lora_A[key], self.lora_B[key]
@@ -270,7 +277,7 @@ class LoRA(Method):
         return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """``{canonical name: scaling * B @ A}`` in ``(out, in)`` orientation."""
+        """``{canonical name: scaling * B @ A}`` in ``(out, in)`` orientation (ChainLoRA: every link's, summed)."""
         view = ModelView(model)
         out = {}
         for name in view.matrix_names():
@@ -279,5 +286,6 @@ class LoRA(Method):
                 ref = view.ref(name)
                 key = part_key(ref.kind, ref.n_parts)
                 if key in wrapper.parts:
-                    out[name] = wrapper.delta_weight(key)
+                    A, B = wrapper.update_factors(key)
+                    out[name] = wrapper.scaling * (B @ A)
         return out

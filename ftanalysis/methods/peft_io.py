@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._safe_load import safe_torch_load
 from ..nn.view import is_conv1d, unwrap
 from .dora import DoRALayer
 from .lora import LoRALayer, write_dense
@@ -54,15 +55,27 @@ def _model_of(result_or_model) -> nn.Module:
     )
 
 
+def _check_directory(directory, owner: str) -> Path:
+    if not isinstance(directory, (str, Path)) or (isinstance(directory, str) and not directory.strip()):
+        raise TypeError(f"The 'directory' parameter of {owner} must be a non-empty str or pathlib.Path. Got {directory!r} instead.")
+    return Path(directory)
+
+
 def _block_adapter(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``(A (R, in), B (out, R))`` pair with ``B @ A`` equal to every part's ``B_k @ A_k`` on its rows."""
+    """One ``(A (R, in), B (out, R))`` pair with ``B @ A`` equal to every part's ``B_k @ A_k`` on its rows.
+
+    Each part contributes its whole update (:meth:`LoRALayer.update_factors`): for a ChainLoRA layer, the links
+    merged into the wrapped weight and the live link, stacked (rank ``r * links`` per part).
+    """
     order = sorted(layer.parts, key=lambda k: layer.parts[k].start)
-    r = layer.r
-    A = torch.cat([layer.lora_A[k].detach().float() for k in order], dim=0)  # (R, in)
-    B = torch.zeros(layer.out_features, r * len(order))  # (out, R)
-    for i, key in enumerate(order):
-        B[layer.parts[key], i * r : (i + 1) * r] = layer.lora_B[key].detach().float().cpu()
-    return A.cpu().contiguous(), B.contiguous()
+    factors = [layer.update_factors(k) for k in order]
+    A = torch.cat([a.cpu() for a, _ in factors], dim=0)  # (R, in)
+    B = torch.zeros(layer.out_features, A.shape[0])  # (out, R)
+    start = 0
+    for key, (a, b) in zip(order, factors):
+        B[layer.parts[key], start : start + a.shape[0]] = b.cpu()
+        start += a.shape[0]
+    return A.contiguous(), B.contiguous()
 
 
 @torch.no_grad()
@@ -82,7 +95,8 @@ def export_peft(result_or_model, directory: str | Path, base_model_name_or_path:
     result_or_model : FinetuneResult or nn.Module
         The result of ``fta.finetune(..., method=LoRA(...))`` or a model after ``LoRA(...).apply(model)``.
     directory : str or Path
-        Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are written into it.
+        Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are written into it (an
+        existing adapter there is overwritten; an existing *file* at that path is a ``FileExistsError``).
     base_model_name_or_path : str, optional
         Recorded in the config (default: the model's ``config.name_or_path``).
 
@@ -95,6 +109,13 @@ def export_peft(result_or_model, directory: str | Path, base_model_name_or_path:
     ValueError
         If the model carries no LoRA layer, if its base weights are PiSSA/CorDA residuals (the adapter would
         be relative to those, not to the released base), or if it has new task-head parameters (not exported).
+    FileExistsError
+        If ``directory`` is an existing file.
+
+    Notes
+    -----
+    A :class:`~ftanalysis.methods.ChainLoRA` fine-tune is exported whole: each part's merged links and live link are
+    stacked into one adapter of rank ``r * links`` (``sum_j B_j A_j = [B_1 .. B_J] [A_1; ..; A_J]``, exact).
 
     Examples
     --------
@@ -150,7 +171,12 @@ def export_peft(result_or_model, directory: str | Path, base_model_name_or_path:
         "modules_to_save": None,
         "layers_to_transform": None,
     }
-    directory = Path(directory)
+    directory = _check_directory(directory, "export_peft")
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(
+            f"The 'directory' parameter of export_peft must be a directory (new, empty or an adapter directory); "
+            f"{str(directory)!r} is an existing file."
+        )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -167,10 +193,32 @@ def _pattern_value(patterns: dict, path: str, default):
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / WEIGHTS_NAME).is_file():
-        return load_file(str(directory / WEIGHTS_NAME))
+        path = directory / WEIGHTS_NAME
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors' own errors (truncated header or data) are not ValueErrors
+            raise ValueError(
+                f"load_peft: {path} is not a readable safetensors file (truncated or damaged: {err}). "
+                "Save the adapter again (export_peft or PeftModel.save_pretrained)."
+            ) from err
     if (directory / "adapter_model.bin").is_file():
-        return torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+        return safe_torch_load(directory / "adapter_model.bin", "PEFT adapter file")
     raise FileNotFoundError(f"load_peft: no {WEIGHTS_NAME} (or adapter_model.bin) in {directory}.")
+
+
+# LoraConfig options (PEFT 0.22) that change what the adapter computes beyond W0 + scaling * B @ A: a merged
+# model that ignored them would silently differ from PEFT's, so the loader refuses them.
+_UNSUPPORTED_OPTIONS = (
+    "layer_replication",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "target_parameters",
+    "use_bdlora",
+    "arrow_config",
+    "monteclora_config",
+    "kasa_config",
+)
 
 
 @torch.no_grad()
@@ -190,9 +238,13 @@ def load_peft(base: nn.Module, directory: str | Path) -> nn.Module:
 
     Raises
     ------
+    FileNotFoundError
+        If ``directory`` does not exist or has no ``adapter_config.json`` / weights file.
     ValueError
-        If the adapter is not a LoRA adapter, names a module the base lacks, has a shape that does not fit, or
-        holds tensors this loader does not understand (LoRA on embeddings, LoRA biases).
+        If the adapter is not a LoRA adapter, uses an option that changes what it computes (layer replication,
+        trainable tokens, aLoRA, QALoRA, ...), names a module the base lacks, has a shape that does not fit, holds
+        tensors this loader does not understand (LoRA on embeddings, LoRA biases), or its files are truncated or
+        damaged.
 
     Examples
     --------
@@ -202,14 +254,29 @@ def load_peft(base: nn.Module, directory: str | Path) -> nn.Module:
     """
     if not isinstance(base, nn.Module):
         raise TypeError(f"load_peft expects a torch nn.Module as 'base'. Got {type(base).__name__}.")
-    directory = Path(directory)
+    directory = _check_directory(directory, "load_peft")
+    if not directory.exists():
+        raise FileNotFoundError(f"load_peft: the adapter directory {str(directory)!r} does not exist.")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"The 'directory' parameter of load_peft must be a PEFT adapter directory; {str(directory)!r} is a file.")
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"load_peft: {directory} has no {CONFIG_NAME}; is it a PEFT adapter directory?")
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"load_peft: {directory / CONFIG_NAME} is not valid JSON ({err}); is the adapter truncated?") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"load_peft: {directory / CONFIG_NAME} must hold a JSON object (a LoraConfig). Got {type(config).__name__}.")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"load_peft reads LoRA adapters only. This adapter's peft_type is {config.get('peft_type')!r}.")
     if config.get("lora_bias") or config.get("bias", "none") != "none":
         raise ValueError("load_peft does not support adapters that train biases (bias != 'none' or lora_bias=True).")
+    unsupported = [name for name in _UNSUPPORTED_OPTIONS if config.get(name) not in (None, False, [], {})]
+    if unsupported:
+        raise ValueError(
+            f"load_peft supports plain LoRA, rsLoRA and DoRA adapters; this adapter sets {unsupported}, which change what "
+            "it computes. Merge it with PEFT instead (PeftModel.from_pretrained(base, directory).merge_and_unload())."
+        )
     tensors = _read_weights(directory)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     extra, unknown = {}, []

@@ -40,7 +40,7 @@ def resolve_targets(view: ModelView, target, owner: str = "target") -> list[str]
     names = view.matrix_names()
     if target is None:
         raise ValueError(f"The 'target' parameter of {owner} must not be None; use 'all-linear' for every matrix.")
-    entries = [target] if isinstance(target, str) else list(target)
+    entries = [target] if isinstance(target, str) else list(target) if isinstance(target, (list, tuple, set)) else None
     if not entries or not all(isinstance(e, str) for e in entries):
         raise TypeError(f"The 'target' parameter of {owner} must be a string or a list of strings. Got {target!r}.")
     chosen: set[str] = set()

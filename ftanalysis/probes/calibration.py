@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from .._validation import check_int
+from ..tasks.base import Task
 
 
 @dataclass
@@ -140,6 +141,9 @@ def task_probabilities(model, tok, task, split: str = "test", n: int = 512) -> t
     """
     from ..tasks.base import collate
 
+    if not isinstance(task, Task):
+        raise TypeError(f"The 'task' parameter of task_probabilities must be an ftanalysis Task (fta.tasks.make). Got {type(task).__name__}.")
+
     if getattr(task, "kind", None) == "classification":
         examples = task.examples(n, split)
         probs = task.predict_proba(model, tok, examples)
@@ -170,6 +174,8 @@ def calibration(model, tok, task, split: str = "test", n: int = 512, n_bins: int
     --------
     ``fta.probes.calibration(ft, tok, fta.tasks.make("sentiment_negation"), label="fine-tuned").ece``
     """
+    if not isinstance(task, Task):
+        raise TypeError(f"The 'task' parameter of calibration must be an ftanalysis Task (fta.tasks.make). Got {type(task).__name__}.")
     probs, labels = task_probabilities(model, tok, task, split=split, n=n)
     return expected_calibration_error(probs, labels, n_bins=n_bins, label=label)
 

@@ -57,6 +57,11 @@ def _replace_output(output, hidden: torch.Tensor):
 
 
 def _check_pair(base, ft) -> tuple[ModelView, ModelView]:
+    if base is ft:
+        raise ValueError(
+            "The 'base' and 'ft' parameters must be two model objects: the same one was passed for both (its blocks' "
+            "hooks would call themselves). To compare a model with itself, pass a copy: copy.deepcopy(model)."
+        )
     view_base, view_ft = ModelView(base), ModelView(ft)
     if view_base.family != view_ft.family or view_base.n_layers != view_ft.n_layers or view_base.d_model != view_ft.d_model:
         raise ValueError(

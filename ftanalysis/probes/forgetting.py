@@ -82,6 +82,9 @@ def retention(model, tok, base=None, task: Task | None = None, n: int = 256, spl
     task = PretrainingMix() if task is None else task
     if not isinstance(task, Task):
         raise TypeError(f"The 'task' parameter of retention must be a Task. Got {type(task).__name__}.")
+    for name, value in (("model", model), ("base", base)):
+        if value is not None and not isinstance(value, torch.nn.Module):
+            raise TypeError(f"The {name!r} parameter of retention must be a torch nn.Module (load it with fta.load_model). Got {type(value).__name__}.")
     check_int(n, "n", "retention", 1)
 
     def scores(m) -> list[dict]:
@@ -107,6 +110,18 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1
 
     Minimises mean cross-entropy + ``l2 * ||W||^2``; weights start from a seeded small normal draw.
     """
+    owner = "fit_logistic"
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
+        raise TypeError(f"The 'x' parameter of {owner} must be a float tensor [n, d]. Got {getattr(x, 'shape', type(x).__name__)}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"The 'x' parameter of {owner} has NaN or infinite entries; a probe needs finite features.")
+    check_int(n_classes, "n_classes", owner, 2)
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise ValueError(f"The 'y' parameter of {owner} must be an integer tensor [n] with n = {x.shape[0]}. Got {getattr(y, 'shape', type(y).__name__)}.")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ValueError(f"The 'y' parameter of {owner} holds labels in [{int(y.min())}, {int(y.max())}]; they must be in [0, n_classes - 1] = [0, {n_classes - 1}].")
+    check_float(l2, "l2", owner, 0.0)
+    check_int(max_iter, "max_iter", owner, 1)
     generator = torch.Generator().manual_seed(seed)
     w = (0.01 * torch.randn(n_classes, x.shape[1], generator=generator, dtype=x.dtype)).requires_grad_(True)
     b = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)

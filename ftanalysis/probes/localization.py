@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._validation import check_float, check_int, check_option
+from .._validation import check_bool, check_float, check_int, check_option
 from ..nn.view import ModelView, family_of
 from ..tasks.base import Task, check_model_tokenizer
 
@@ -71,6 +71,8 @@ def _model_type(model: nn.Module) -> str:
 
 
 def _pair(base: nn.Module, ft: nn.Module, include_embeddings: bool, include_head: bool) -> _Pairing:
+    check_bool(include_embeddings, "include_embeddings", "graft")
+    check_bool(include_head, "include_head", "graft")
     for name, model in (("base", base), ("ft", ft)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"The {name!r} parameter of graft must be a torch nn.Module. Got {type(model).__name__}.")
@@ -509,6 +511,8 @@ def graft(
     """
     started = time.perf_counter()
     sparsity = _check_common(sparsity, steps, seed, batch_size, eval_n, select_n, sigmoid_bias, lr)
+    for flag, value in (("keep_size", keep_size), ("progress", progress)):
+        check_bool(value, flag, "graft")
     grafter = _Grafter(base, ft, task, tok, include_embeddings, include_head, eval_n, device)
     k = grafter.k_of(sparsity)
     if steps == 0:
@@ -552,6 +556,8 @@ def graft_sweep(
         ``.to_frame()`` has one row per (kind, sparsity) with ``recovery``; ``.plot()`` draws the curves.
     """
     started = time.perf_counter()
+    for flag, value in (("keep_size", keep_size), ("keep_models", keep_models), ("progress", progress)):
+        check_bool(value, flag, "graft_sweep")
     sparsities = [_check_common(s, steps, seed, batch_size, eval_n, select_n, sigmoid_bias, lr, "graft_sweep") for s in sparsities]
     if not sparsities:
         raise ValueError("The 'sparsities' parameter of graft_sweep must hold at least one value in (0, 1].")

@@ -50,6 +50,18 @@ def prompts_of(inputs, n: int | None = None, split: str = "test") -> list[str]:
 def encode(tok, prompts: Sequence[str], device=None) -> dict:
     """Right-padded ``input_ids`` and ``attention_mask`` for a list of prompts (no answers)."""
     rows = [tok(p)["input_ids"] for p in prompts]
+    unk = getattr(tok, "unk_token_id", None)
+    special = {getattr(tok, f"{k}_token_id", None) for k in ("eos", "bos", "pad")}
+    if unk is not None and unk not in special:  # byte-level BPE reuses <|endoftext|> as unk: it never maps words there
+        for prompt, row in zip(prompts, rows):
+            if unk in row:
+                raise ValueError(
+                    f"The 'inputs' prompt {prompt!r} has words the tokenizer does not know: it would map them to its "
+                    f"unknown token {tok.unk_token!r} and the probe would measure that instead. Use words of the model's "
+                    "vocabulary (a Task's prompts always are)."
+                )
+    if not rows or not all(rows):
+        raise ValueError("Every prompt must tokenize to at least one token. Got an empty prompt (or no prompts).")
     length = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -139,6 +151,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
         raise ValueError(f"linear_cka needs the same inputs in both (same n). Got {x.shape[0]} and {y.shape[0]} rows.")
     if x.shape[0] < 2:
         raise ValueError("linear_cka needs at least 2 inputs.")
+    for name, value in (("x", x), ("y", y)):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"The {name!r} parameter of linear_cka has NaN or infinite entries; CKA needs finite representations.")
     x = x.double() - x.double().mean(0, keepdim=True)
     y = y.double() - y.double().mean(0, keepdim=True)
     cross = torch.linalg.matrix_norm(y.T @ x) ** 2

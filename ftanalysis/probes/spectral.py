@@ -140,6 +140,15 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
     ``1e-7 * sigma_1`` exact, which the entropy effective rank needs (a float32 Gram matrix would blur
     everything below ``3e-4 * sigma_1``). It is 2-5x faster than ``torch.linalg.svdvals`` on a CPU.
     """
+    if isinstance(W, np.ndarray):
+        W = torch.from_numpy(W)
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"The 'W' parameter of singular_values must be a 2-D torch.Tensor or numpy array. Got {type(W).__name__}.")
+    if W.ndim != 2:
+        raise ValueError(f"The 'W' parameter of singular_values must be a 2-D matrix. Got shape {tuple(W.shape)}.")
+    if W.is_complex() or not (W.is_floating_point() or W.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"The 'W' parameter of singular_values must hold real numbers. Got dtype {W.dtype}.")
+    _check_finite(W, "'W' of singular_values")  # LAPACK would fail to converge on NaN (an unreadable LinAlgError)
     G, lower = _gram(W.detach().to("cpu", torch.float64).numpy())  # (d, d), d = min(m, n)
     lam = _eigvalsh(G, lower)
     return torch.from_numpy(np.sqrt(np.clip(lam[::-1], 0.0, None)).copy()).to(torch.float32)
@@ -513,7 +522,21 @@ def update_statistics(sigma: torch.Tensor, energy: float = 0.9) -> dict[str, flo
 
     A zero update has all three equal to 0.
     """
-    s = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
+    check_float(energy, "energy", "update_statistics", low=0.0, high=1.0, low_open=True)
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.detach().cpu()
+    try:
+        s = np.asarray(sigma, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"The 'sigma' parameter of update_statistics must be a 1-D array of singular values. Got {type(sigma).__name__}.") from err
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"The 'sigma' parameter of update_statistics must be a non-empty 1-D array. Got shape {s.shape}.")
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise ValueError(
+            "The 'sigma' parameter of update_statistics must hold singular values: finite and >= 0. "
+            f"Got {int((~np.isfinite(s)).sum())} non-finite and {int((s < 0).sum())} negative value(s)."
+        )
+    s = np.sort(s)[::-1]
     total_sq = float((s**2).sum())
     if total_sq == 0.0:
         return {"stable_rank": 0.0, "effective_rank": 0.0, "rank_energy": 0}
@@ -831,11 +854,22 @@ class _FileSource:
         self._last = None
 
 
+def _resolve_name(x):
+    """A zoo name (``"gpt2-tiny"``, ``"minilm"``, ...) that is no local path becomes its checkpoint folder."""
+    if isinstance(x, str) and not Path(x).expanduser().exists():
+        from ..zoo.loading import zoo_path
+
+        folder = zoo_path(x)
+        if folder is not None:
+            return folder
+    return x
+
+
 def _open_source(x, role: str, owner: str):
     if isinstance(x, nn.Module):
         return _ModelSource(x, role)
     if isinstance(x, (str, Path)):
-        return _FileSource(x, role)
+        return _FileSource(_resolve_name(x), role)
     raise TypeError(
         f"The {role!r} parameter of {owner} must be a model (nn.Module), a checkpoint folder or a safetensors file. "
         f"Got {type(x).__name__}."
@@ -850,7 +884,7 @@ def _load_adapter(base, adapter: str | Path) -> nn.Module:
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder: adapter_config.json is missing.")
     if not isinstance(base, nn.Module):
-        base, _ = fta.load_model(base)
+        base, _ = fta.load_model(_resolve_name(base))
     load_peft = getattr(fta, "load_peft", None)
     if load_peft is not None:
         return load_peft(base, str(adapter))
@@ -943,8 +977,9 @@ def spectral_report(
     ----------
     base : nn.Module, checkpoint folder or safetensors file
         The pretrained model. A folder may be a Hugging Face checkpoint (``config.json`` + safetensors, sharded
-        or not) or one of ours (``model.safetensors`` of ``fta.finetune`` checkpoints or ``fta.cached_finetune``).
-    ft : nn.Module, checkpoint folder or safetensors file, optional
+        or not) or one of ours (``model.safetensors`` of ``fta.finetune`` checkpoints or ``fta.cached_finetune``),
+        or a zoo name from ``fta.zoo.available()`` (``"gpt2-tiny"``, ``"minilm"``, ...).
+    ft : nn.Module, checkpoint folder, safetensors file or zoo name, optional
         The fine-tuned model, same architecture. Omit it when ``peft`` is given.
     k, eps, side : see :func:`intruder_dimensions` (defaults 10, 0.5, "left").
     modules : str or list of str, optional
@@ -1063,6 +1098,8 @@ def intruder_counts(report: pd.DataFrame, k: int | None = None, eps: float | Non
     about 1e-5 of the new threshold may differ from a full-SVD count.
     """
     owner = "intruder_counts"
+    if not isinstance(report, pd.DataFrame) or "max_cos" not in report:
+        raise TypeError(f"The 'report' parameter of {owner} must be a DataFrame from fta.probes.spectral_report. Got {type(report).__name__}.")
     k_report = int(report.attrs.get("k", len(report["max_cos"].iloc[0])))
     k = k_report if k is None else check_int(k, "k", owner, 1, k_report)
     eps = float(report.attrs.get("eps", 0.5)) if eps is None else check_float(eps, "eps", owner, 0.0, 1.0, low_open=True)

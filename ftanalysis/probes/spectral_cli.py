@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ftanalysis spectral",
         description="Intruder dimensions and update spectra of a fine-tune, matrix by matrix (streams safetensors).",
     )
-    parser.add_argument("base", help="pretrained checkpoint: a Hugging Face folder, one of ours, or a .safetensors file")
+    parser.add_argument("base", help="pretrained checkpoint: a zoo name (gpt2-tiny, llama-tiny, minilm, ...), a Hugging Face folder, one of ours, or a .safetensors file")
     parser.add_argument("ft", nargs="?", help="fine-tuned checkpoint of the same architecture (omit with --peft)")
     parser.add_argument("--peft", metavar="ADAPTER", help="a PEFT LoRA adapter folder, merged into BASE")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the CSV tables and the figures")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             args.base, args.ft, k=args.k, eps=args.eps, modules=args.modules, side=args.side, peft=args.peft,
             cache=args.cache if args.cache else None, progress=not args.quiet,
         )
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:  # OSError: FileNotFoundError, a bad FTA_ZOO_DIR
         raise SystemExit(f"ftanalysis spectral: {err}") from err
     report.to_csv(out / "report.csv", index=False)
     by_kind = sp.summarize_report(report, "kind")

@@ -148,6 +148,7 @@ class Task:
         _check_split(split, f"{type(self).__name__}.evaluate")
         self.check_tokenizer(tok)
         check_model_tokenizer(model, tok)
+        check_task_model(model, tok, self, f"{type(self).__name__}.evaluate", name="self")
         examples = self.examples(n, split)
         return score_examples(model, tok, examples, batch_size=batch_size) | {"chance": self.chance}
 
@@ -155,6 +156,29 @@ class Task:
         """One line: the task's name, options and an example."""
         ex = self.examples(1, "train")[0]
         return f"{self!r}: {ex.prompt!r} -> {ex.answer!r}"
+
+
+def check_task_model(model: torch.nn.Module, tok, task: Task, owner: str, name: str = "task") -> None:
+    """Raise ``ValueError`` when a generation task (``kind="lm"``) meets a model without a language-model head.
+
+    An encoder such as MiniLM's ``BertModel`` returns hidden states, not logits over the vocabulary, and would
+    otherwise fail deep inside the loss with an ``AttributeError`` about ``logits``.
+    """
+    if getattr(task, "kind", "lm") != "lm":
+        return
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(get_head):  # not a Hugging Face model: a duck-typed model is trusted to return logits
+        return
+    head = get_head()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.shape[0] < len(tok):
+        what = "has no language-model head" if weight is None else f"outputs {weight.shape[0]} logits, not one per token ({len(tok)})"
+        raise ValueError(
+            f"{owner} got the generation task {task.name!r} (argument {name!r}) with a {type(model).__name__} that {what}: "
+            "a generation task needs a causal language model (logits over the vocabulary, e.g. fta.zoo.load('gpt2-tiny')). "
+            "For an encoder, use a classification task (fta.tasks.make('sentiment'), ...) with "
+            "fta.zoo.EncoderClassifier(body, n_classes)."
+        )
 
 
 def check_model_tokenizer(model, tok) -> None:

@@ -39,7 +39,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..stats import wilson_interval
-from .base import Example, Task, _check_split, answer_loss, check_model_tokenizer, collate
+from .base import Example, Task, _check_split, answer_loss, check_model_tokenizer, check_task_model, collate
 
 BPE_HINT = "a BPE tokenizer with GPT-2-style leading-space tokens, such as SmolLM2's (model, tok = fta.zoo.load('smollm2-135m'))"
 
@@ -276,6 +276,7 @@ class NaturalTask(Task):
         _check_split(split, f"{type(self).__name__}.evaluate")
         self.check_tokenizer(tok)
         check_model_tokenizer(model, tok)
+        check_task_model(model, tok, self, f"{type(self).__name__}.evaluate", name="self")
         examples = self.examples(n, split)
         listed = [self.candidates(ex) for ex in examples]
         has_candidates = listed[0] is not None

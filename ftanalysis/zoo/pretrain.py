@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .._validation import check_device, check_int
 from ..tasks import build_tokenizer, make
 from ..tasks.base import answer_loss
 from .architectures import TinyConfig, build_model
@@ -56,9 +57,18 @@ def pretrain(
     ``start_step`` of the schedule and of the data stream; the card records both, so the run can be repeated.
     ``card_examples`` sets how many test examples per task the card's evaluation uses (default: the card's).
     """
-    steps = steps or recipe.steps
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"The 'recipe' parameter of pretrain must be a Recipe (e.g. RECIPES['gpt2-tiny']). Got {type(recipe).__name__}.")
+    check_int(seed, "seed", "pretrain")
+    # None means the recipe's length; 0 is an error, not "the whole recipe" (issue 23)
+    steps = recipe.steps if steps is None else check_int(steps, "steps", "pretrain", 1)
+    check_int(snapshot_every, "snapshot_every", "pretrain", 0)
+    check_int(start_step, "start_step", "pretrain", 0)
+    if card_examples is not None:
+        check_int(card_examples, "card_examples", "pretrain", 1)
+    check_output_folder(out, "pretrain")  # before hours of training, not after
     recipe = Recipe(**{**recipe.__dict__, "steps": steps})
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = build_tokenizer()
     mix = make(recipe.mixture)
     model = build_model(recipe.model, tok, seed=seed)
@@ -145,9 +155,56 @@ def pretrain(
     return card
 
 
-def save_model(model, tok, card: dict, out: str | Path) -> None:
-    """Write model, tokenizer and card to ``out`` atomically (a temporary folder, then a rename)."""
+# what a pretraining output folder (and its temporary twin) holds: save_pretrained, the card, snapshots
+OUTPUT_NAMES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "card.json", "README.md", "snapshots",
+})
+
+
+def _is_pretraining_output(folder: Path) -> bool:
+    """A previous run's output (a card among our files) or an interrupted run's snapshots only."""
+    names = {p.name for p in folder.iterdir()}
+    if not names <= OUTPUT_NAMES:
+        return False
+    if "card.json" in names:
+        return True
+    return names == {"snapshots"} and all(p.name.startswith("step_") for p in (folder / "snapshots").iterdir())
+
+
+def check_output_folder(out, owner: str = "pretrain") -> Path:
+    """``out`` as a Path, refused when replacing it would delete something that is not a pretraining output.
+
+    Accepted: a new path, an empty folder, or a folder holding a previous pretraining output (a ``card.json``
+    among the files :func:`save_model` writes, or only ``snapshots/step_*`` of an interrupted run). The temporary
+    twin ``<out>.tmp`` must be absent, empty or hold only such files.
+    """
+    if not isinstance(out, (str, os.PathLike)) or (isinstance(out, str) and not out.strip()):
+        raise TypeError(f"The 'out' parameter of {owner} must be a folder path (str or Path). Got {out!r}.")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"The 'out' parameter of {owner} is {str(out)!r}, an existing file: give a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not _is_pretraining_output(out):
+        raise ValueError(
+            f"The 'out' folder {str(out)!r} of {owner} already exists and does not hold a pretraining output (no card.json "
+            f"among {sorted(OUTPUT_NAMES)}). The output folder is replaced as a whole, so {owner} refuses to delete it: "
+            "choose a new or empty folder, or a previous pretraining output."
+        )
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists() and (not tmp.is_dir() or not {p.name for p in tmp.iterdir()} <= OUTPUT_NAMES):
+        raise ValueError(
+            f"{owner} writes its output into {str(tmp)!r} first, which exists and holds files it did not write. "
+            "Move it away or choose another 'out'."
+        )
+    return out
+
+
+def save_model(model, tok, card: dict, out: str | Path) -> None:
+    """Write model, tokenizer and card to ``out`` atomically (a temporary folder, then a rename).
+
+    Refuses (``ValueError``) to replace an existing folder that is not empty and not a pretraining output.
+    """
+    out = check_output_folder(out, "save_model")
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -162,20 +219,49 @@ def save_model(model, tok, card: dict, out: str | Path) -> None:
     os.replace(tmp, out)
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ftanalysis zoo pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
-    parser.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    parser.add_argument("--steps", type=_int_at_least(1), default=None, help="override the recipe's number of steps (>= 1)")
+    parser.add_argument("--out", required=True, help="output folder: new, empty, or a previous pretraining output (replaced)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--snapshot-every", type=int, default=0)
+    parser.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    parser.add_argument("--snapshot-every", type=_int_at_least(0), default=0)
     parser.add_argument("--init-from", default=None, help="continue from the weights in this model/snapshot folder")
-    parser.add_argument("--start-step", type=int, default=0, help="with --init-from: step of the schedule and data to start at")
-    parser.add_argument("--lm-loss-weight", type=float, default=None, help="override the recipe's lm_loss_weight")
-    parser.add_argument("--d-model", type=int, default=None, help="override the recipe's width (d_mlp = 4 d_model)")
+    parser.add_argument("--start-step", type=_int_at_least(0), default=0, help="with --init-from: step of the schedule and data to start at")
+    parser.add_argument("--lm-loss-weight", type=_finite_float, default=None, help="override the recipe's lm_loss_weight")
+    parser.add_argument("--d-model", type=_int_at_least(1), default=None, help="override the recipe's width (d_mlp = 4 d_model)")
     args = parser.parse_args(argv)
+    try:
+        check_output_folder(args.out, "ftanalysis zoo pretrain")
+        if args.device is not None:
+            check_device(args.device)
+    except (ValueError, TypeError, OSError) as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = RECIPES[args.name]

@@ -11,8 +11,20 @@ from ...nn.view import ModelView
 Head = tuple[int, int]  # (layer, head)
 
 
-def as_ids(ids, name: str, owner: str, device=None) -> torch.Tensor:
-    """Token ids as a ``[batch, pos]`` long tensor (a 1-D sequence becomes a batch of one)."""
+def vocab_size_of(model) -> int | None:
+    """Rows of the model's input embedding (the ids it can read), or None when it has none to ask."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def as_ids(ids, name: str, owner: str, device=None, model=None) -> torch.Tensor:
+    """Token ids as a ``[batch, pos]`` long tensor (a 1-D sequence becomes a batch of one).
+
+    With ``model``, every id is checked against its vocabulary up front (an id out of range would otherwise be an
+    ``IndexError`` deep inside the embedding, or a device-side assert on a GPU).
+    """
     if not isinstance(ids, torch.Tensor):
         try:
             ids = torch.as_tensor(ids)
@@ -24,7 +36,17 @@ def as_ids(ids, name: str, owner: str, device=None) -> torch.Tensor:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"The {name!r} parameter of {owner} must have shape [batch, pos]. Got {tuple(ids.shape)}.")
-    return ids.long().to(device) if device is not None else ids.long()
+    ids = ids.long()
+    vocab = vocab_size_of(model) if model is not None else None
+    if vocab is not None and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"The {name!r} parameter of {owner} holds the token id {bad}, outside the model's vocabulary "
+                f"[0, {vocab - 1}] ({vocab} tokens). Encode the prompts with this model's tokenizer."
+            )
+    return ids.to(device) if device is not None else ids
 
 
 def model_device(model) -> torch.device:
@@ -113,6 +135,11 @@ def position_mask(positions, n: int, seq_len: int, owner: str, name: str = "posi
 
 def call_metric(metric: Callable, logits: torch.Tensor, n: int, owner: str) -> torch.Tensor:
     """``metric(logits)`` checked to be one finite scalar per example: a tensor of shape ``(n,)``."""
+    if not callable(metric):
+        raise TypeError(
+            f"The 'metric' parameter of {owner} must be a callable logits [batch, pos, vocab] -> [batch], e.g. "
+            f"fta.probes.circuits.logit_diff(answer_ids, wrong_ids). Got {metric!r}."
+        )
     value = metric(logits)
     if not isinstance(value, torch.Tensor):
         raise TypeError(
@@ -124,6 +151,8 @@ def call_metric(metric: Callable, logits: torch.Tensor, n: int, owner: str) -> t
             f"The 'metric' passed to {owner} must return one scalar per example: a tensor of shape ({n},). "
             f"Got shape {tuple(value.shape)}."
         )
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"The 'metric' passed to {owner} returned NaN or infinite values ({value.tolist()[:4]}...); effects would be NaN.")
     return value.float()
 
 

@@ -67,8 +67,8 @@ def attribution_patching(
     check_option(component, "component", owner, COMPONENTS)
     view = _view(model)
     device = model_device(model)
-    clean = as_ids(clean_ids, "clean_ids", owner, device)
-    corrupt = as_ids(corrupt_ids, "corrupt_ids", owner, device)
+    clean = as_ids(clean_ids, "clean_ids", owner, device, model=model)
+    corrupt = as_ids(corrupt_ids, "corrupt_ids", owner, device, model=model)
     check_pair(clean, corrupt, owner)
     n, seq = clean.shape
     layers = check_layers(layers, view, owner)

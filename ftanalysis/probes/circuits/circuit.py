@@ -141,7 +141,7 @@ def run_circuit(model, input_ids, circuit: Circuit, means: dict[int, torch.Tenso
     owner = "run_circuit"
     view = _view(model)
     device = model_device(model)
-    ids = as_ids(input_ids, "input_ids", owner, device)
+    ids = as_ids(input_ids, "input_ids", owner, device, model=model)
     n, seq = ids.shape
     if means[0].shape[0] != seq:
         raise ValueError(f"{owner}: the reference means cover {means[0].shape[0]} positions but the inputs have {seq}; use prompts of one length.")
@@ -228,8 +228,8 @@ def evaluate_circuit(
     check_int(n_random, "n_random", owner, 0)
     view = _view(model)
     device = model_device(model)
-    ids = as_ids(input_ids, "input_ids", owner, device)
-    reference = as_ids(reference_ids, "reference_ids", owner, device)
+    ids = as_ids(input_ids, "input_ids", owner, device, model=model)
+    reference = as_ids(reference_ids, "reference_ids", owner, device, model=model)
     answers = torch.as_tensor(answer_ids).long().to(device)
     if answers.shape != (ids.shape[0],):
         raise ValueError(f"{owner}: 'answer_ids' must have shape ({ids.shape[0]},). Got {tuple(answers.shape)}.")

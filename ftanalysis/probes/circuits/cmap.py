@@ -113,7 +113,7 @@ def cmap(
     circuit = components if isinstance(components, Circuit) else Circuit(dict(components))
     view = _view(base)
     device = model_device(base)
-    ids = as_ids(input_ids, "input_ids", owner, device)
+    ids = as_ids(input_ids, "input_ids", owner, device, model=base)
     answers = torch.as_tensor(answer_ids).long().to(device)
     if answers.shape != (ids.shape[0],):
         raise ValueError(f"{owner}: 'answer_ids' must have shape ({ids.shape[0]},). Got {tuple(answers.shape)}.")

@@ -135,8 +135,8 @@ def dcm(
         raise ValueError(f"The 'split' parameter of {owner} must be three positive fractions summing to 1. Got {split!r}.")
     view = _view(model)
     device = model_device(model)
-    base = as_ids(base_ids, "base_ids", owner, device)
-    source = as_ids(source_ids, "source_ids", owner, device)
+    base = as_ids(base_ids, "base_ids", owner, device, model=model)
+    source = as_ids(source_ids, "source_ids", owner, device, model=model)
     targets = torch.as_tensor(target_ids).long().to(device)
     n = base.shape[0]
     if source.shape[0] != n or targets.shape != (n,):

@@ -411,6 +411,23 @@ class ActivationCache(dict):
         return torch.stack([dict.__getitem__(self, n) for n in names])
 
 
+def _check_ids_fit(model: nn.Module, input_ids, owner: str) -> None:
+    """Token ids in the model's vocabulary, checked before any hook is installed (not an IndexError inside it)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"The 'input_ids' parameter of {owner} must be a tensor of token ids [batch, pos]. Got {type(input_ids).__name__}.")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"The 'input_ids' parameter of {owner} must hold integer token ids. Got dtype {input_ids.dtype}.")
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get() if callable(get) else None, "weight", None)
+    if weight is not None and input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(
+                f"The 'input_ids' parameter of {owner} holds the token id {low if low < 0 else high}, outside the model's "
+                f"vocabulary [0, {weight.shape[0] - 1}]. Encode the prompts with this model's tokenizer."
+            )
+
+
 def _forward(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     out = model(input_ids=input_ids, **kwargs)
     return out.logits if hasattr(out, "logits") else first_tensor(out)
@@ -425,6 +442,7 @@ def run_with_cache(
     ``names_filter=None`` caches nothing; pass a predicate such as ``lambda n: n.endswith("hook_z")`` for
     every head output. See :func:`hooks` for the other parameters.
     """
+    _check_ids_fit(model, input_ids, "run_with_cache")
     cache = ActivationCache()
     with hooks(model, fwd_hooks=fwd_hooks, cache=cache, names_filter=names_filter, positions=positions, detach=detach, view=view):
         logits = _forward(model, input_ids, **forward_kwargs)
@@ -433,5 +451,6 @@ def run_with_cache(
 
 def run_with_hooks(model: nn.Module, input_ids: torch.Tensor, fwd_hooks=(), view: ModelView | None = None, **forward_kwargs) -> torch.Tensor:
     """Run ``model`` once with ``fwd_hooks`` (``[(name, fn), ...]``) installed; return the logits."""
+    _check_ids_fit(model, input_ids, "run_with_hooks")
     with hooks(model, fwd_hooks=fwd_hooks, view=view):
         return _forward(model, input_ids, **forward_kwargs)

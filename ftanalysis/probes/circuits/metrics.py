@@ -20,15 +20,31 @@ import torch
 
 
 def _ids(values, name: str) -> torch.Tensor:
-    ids = torch.as_tensor(values).long()
+    try:
+        ids = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"The {name!r} parameter must be token ids (a 1-D tensor or list of ints). Got {values!r}.") from err
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"The {name!r} parameter must hold integer token ids (a float would be truncated). Got dtype {ids.dtype}.")
+    ids = ids.long()
     if ids.ndim != 1:
         raise ValueError(f"The {name!r} parameter must be a 1-D tensor with one token id per example. Got shape {tuple(ids.shape)}.")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(
+            f"The {name!r} parameter holds the token id {int(ids.min())}; ids are >= 0 (a negative id would silently "
+            "index from the end of the vocabulary). Use tok.convert_tokens_to_ids(...)."
+        )
     return ids
 
 
 def _check_batch(logits: torch.Tensor, ids: torch.Tensor, owner: str) -> None:
     if logits.ndim != 3 or logits.shape[0] != ids.shape[0]:
         raise ValueError(f"{owner} expects logits [batch={ids.shape[0]}, pos, vocab]. Got shape {tuple(logits.shape)}.")
+    if ids.numel() and int(ids.max()) >= logits.shape[-1]:
+        raise ValueError(
+            f"{owner} holds the token id {int(ids.max())}, outside the model's vocabulary of {logits.shape[-1]} "
+            "tokens: the answer ids must come from this model's tokenizer."
+        )
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,7 @@ class LogitDiff:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         _check_batch(logits, self.answer_ids, "logit_diff")
+        _check_batch(logits, self.wrong_ids, "logit_diff (wrong_ids)")
         last = logits[:, self.position].float()  # [batch, vocab]
         rows = torch.arange(last.shape[0], device=last.device)
         return last[rows, self.answer_ids.to(last.device)] - last[rows, self.wrong_ids.to(last.device)]

@@ -226,8 +226,8 @@ def activation_patching(
     check_int(batch_size, "batch_size", owner, 1)
     view = _view(model)
     device = model_device(model)
-    clean = as_ids(clean_ids, "clean_ids", owner, device)
-    corrupt = as_ids(corrupt_ids, "corrupt_ids", owner, device)
+    clean = as_ids(clean_ids, "clean_ids", owner, device, model=model)
+    corrupt = as_ids(corrupt_ids, "corrupt_ids", owner, device, model=model)
     clean_pos, corrupt_pos, aligned = _parse_positions(positions, clean.shape[1], corrupt.shape[1], owner)
     check_pair(clean, corrupt, owner, aligned=aligned)
     per_head = component in PER_HEAD

@@ -133,8 +133,8 @@ def path_patching(
     check_int(batch_size, "batch_size", owner, 1)
     view = _view(model)
     device = model_device(model)
-    clean = as_ids(clean_ids, "clean_ids", owner, device)
-    corrupt = as_ids(corrupt_ids, "corrupt_ids", owner, device)
+    clean = as_ids(clean_ids, "clean_ids", owner, device, model=model)
+    corrupt = as_ids(corrupt_ids, "corrupt_ids", owner, device, model=model)
     check_pair(clean, corrupt, owner)
     n, seq = clean.shape
     if receiver_input == "logits":
