@@ -12,14 +12,20 @@ median(ours) / median(PEFT) over the timed iterations (target: <= 1.0).
     python benchmarks/lora_vs_peft.py --arch gpt2 --d-model 512 --steps 100
     python benchmarks/lora_vs_peft.py --device cuda --batch 16 --seq 256
     python benchmarks/lora_vs_peft.py --threads 1 --clock cpu     # on a busy shared CPU machine
+    python benchmarks/lora_vs_peft.py --model smollm2-135m --seq 32 --threads 1 --clock cpu --json out.json
+
+``--model`` takes a pretrained model by zoo name (``fta.zoo.load``; e.g. SmolLM2-135M, a Llama) instead of a
+randomly initialised one; ``--arch``, ``--d-model``, ``--layers`` and ``--vocab`` are then read from the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -67,6 +73,8 @@ def peft_twin(base: torch.nn.Module, ours: torch.nn.Module, lora: fta.methods.Lo
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a pretrained zoo model (fta.zoo.load), e.g. smollm2-135m; "
+                        "default: a randomly initialised one of --arch / --d-model / --layers / --vocab")
     parser.add_argument("--arch", choices=["llama", "gpt2"], default="llama")
     parser.add_argument("--d-model", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
@@ -80,6 +88,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: fta.choose_device())")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest loss / logit gap accepted between the two runs")
     parser.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall",
@@ -90,7 +99,17 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = fta.choose_device(args.device)
 
-    base = build_base(args.arch, args.d_model, args.layers, args.vocab, args.seed)
+    if args.model:
+        base, _ = fta.zoo.load(args.model)
+        config = base.config
+        if config.model_type not in ("llama", "gpt2"):
+            raise SystemExit(f"--model {args.model}: a {config.model_type} model; this script knows llama and gpt2")
+        args.arch = config.model_type
+        args.d_model = config.hidden_size
+        args.layers = config.num_hidden_layers
+        args.vocab = config.vocab_size
+    else:
+        base = build_base(args.arch, args.d_model, args.layers, args.vocab, args.seed)
     lora = fta.methods.LoRA(r=args.r, alpha=args.alpha, target="all-linear")
     torch.manual_seed(args.seed)
     ours = lora.apply(base, copy=True)
@@ -139,6 +158,7 @@ def main(argv=None) -> dict:
                 times[name].append(seconds)
         if i == 0:
             first_loss_gap = abs(losses["ours"] - losses["peft"])
+            first_losses = dict(losses)
         worst_loss_gap = max(worst_loss_gap, abs(losses["ours"] - losses["peft"]))
     with torch.no_grad():
         ours.eval()
@@ -146,17 +166,41 @@ def main(argv=None) -> dict:
         logits_gap = float((ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max())
     med_ours, med_peft = statistics.median(times["ours"]), statistics.median(times["peft"])
     trainable = sum(p.numel() for _, p in lora.trainable_parameters(ours))
+    targeted = sorted({path.rsplit(".", 1)[-1] for path in lora.lora_layers(ours)})
     report = {
+        "model": args.model or f"random {args.arch}",
+        "arch": args.arch,
+        "d_model": args.d_model,
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "params": sum(p.numel() for p in base.parameters()),
+        "r": args.r,
+        "alpha": args.alpha,
+        "adapted_layers": len(lora.lora_layers(ours)),
+        "adapted_modules": targeted,
+        "trainable": trainable,
+        "batch": [args.batch, args.seq],
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "steps": args.steps,
+        "warmup": args.warmup,
         "ratio": med_ours / med_peft,
         "ours_ms": 1e3 * med_ours,
         "peft_ms": 1e3 * med_peft,
         "start_logit_gap": start_gap,
         "first_loss_gap": first_loss_gap,
+        "first_loss": first_losses,
         "max_loss_gap": worst_loss_gap,
         "max_logit_gap": logits_gap,
+        # the same iteration's two steps ran back to back: their ratio cancels slow drifts of the machine
+        "paired_ratio_median": statistics.median(a / b for a, b in zip(times["ours"], times["peft"])),
+        "ours_ms_quartiles": [1e3 * q for q in statistics.quantiles(times["ours"], n=4)] if args.steps > 1 else None,
+        "peft_ms_quartiles": [1e3 * q for q in statistics.quantiles(times["peft"], n=4)] if args.steps > 1 else None,
     }
     print(
-        f"{args.arch}: d_model={args.d_model}, layers={args.layers}, LoRA r={args.r} on all linear layers "
+        (f"{args.model} ({report['params'] / 1e6:.1f}M params), " if args.model else "")
+        + f"{args.arch}: d_model={args.d_model}, layers={args.layers}, LoRA r={args.r} on all linear layers "
         f"({trainable:,} trainable), batch {args.batch} x {args.seq} tokens, {device}, {torch.get_num_threads()} threads, "
         f"{args.clock} clock"
     )
@@ -165,6 +209,8 @@ def main(argv=None) -> dict:
     print(f"after training: max |loss gap| over all steps = {worst_loss_gap:.2e}, max |logit gap| = {logits_gap:.2e}"
           + ("  (GPT-2: PEFT's block adapter also trains the off-diagonal blocks of B, so the runs drift apart)" if args.arch == "gpt2" else ""))
     print(f"ratio ours / PEFT = {report['ratio']:.3f}  (target <= 1.0)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
     # Llama: the same parametrisation, so the same numbers at every step. GPT-2: PEFT adapts the fused c_attn
     # with one rank-3r adapter whose B has off-diagonal blocks (zero at the start, trained after), so only the
     # starting function is shared.
