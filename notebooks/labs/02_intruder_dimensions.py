@@ -114,92 +114,122 @@ checks.check_scale_direction(scale_direction)
 # and 8 (`alpha = 2r`, every attention and MLP matrix), then count intruders in every matrix with
 # `fta.probes.spectral_report` (the library version of your function, with the same defaults). Forgetting is
 # the rise of the loss on the held-out pretraining mix.
+#
+# **One fine-tune is one draw.** The seed fixes LoRA's initialisation and the order of the batches, and on a
+# model this small it moves every number below: LoRA r = 8 ends with 12 to 25 intruders depending on the seed.
+# The same happens when only the machine changes (another CPU rounds the matrix products differently, and the
+# runs part ways). So we train each method at three seeds and read the mean.
 
 # %%
 base, tok = fta.zoo.load("gpt2-tiny")
 task = fta.tasks.make("reverse")
 mix = fta.tasks.make("pretraining_mix")
 steps, eval_n = S.pick(ci=300, full=1500), S.pick(ci=256, full=1024)
+SEEDS = (0, 1, 2)
 methods = {"full": (fta.methods.Full(), 1e-3), "LoRA r=8": (fta.methods.LoRA(r=8, alpha=16), 3e-3),
            "LoRA r=1": (fta.methods.LoRA(r=1, alpha=2), 3e-3)}
-models = {name: fta.cached_finetune("gpt2-tiny", base, tok, task, method, steps=steps, lr=lr, batch_size=32, seed=0)[0]
-          for name, (method, lr) in methods.items()}
+models = {(name, seed): fta.cached_finetune("gpt2-tiny", base, tok, task, method, steps=steps, lr=lr, batch_size=32, seed=seed)[0]
+          for seed in SEEDS for name, (method, lr) in methods.items()}
 mix_base = mix.evaluate(base, tok, n=eval_n)["loss"]
 rows, reports = [], {}
-for name, model in models.items():
-    reports[name] = fta.probes.spectral_report(base, model, k=10, eps=0.5)
-    rows.append({"method": name, "reverse accuracy": task.evaluate(model, tok, n=eval_n)["accuracy"],
-                 "intruders (all matrices)": int(reports[name]["intruders"].sum()),
+for (name, seed), model in models.items():
+    reports[name, seed] = fta.probes.spectral_report(base, model, k=10, eps=0.5)
+    rows.append({"method": name, "seed": seed, "reverse accuracy": task.evaluate(model, tok, n=eval_n)["accuracy"],
+                 "intruders (all matrices)": int(reports[name, seed]["intruders"].sum()),
                  "pretraining-mix loss rise": mix.evaluate(model, tok, n=eval_n)["loss"] - mix_base})
-table = pd.DataFrame(rows).set_index("method").round(3)
-table
+runs = pd.DataFrame(rows)
+runs.pivot(index="method", columns="seed", values=["reverse accuracy", "intruders (all matrices)", "pretraining-mix loss rise"]).round(3)
 
 # %% [markdown]
 # Your `count_intruders` on real matrices: it must agree with the library's report matrix by matrix (the report
 # orients GPT-2's `Conv1D` weights as `(out, in)`, as `fta.nn.ModelView` does).
 
 # %%
-views = {"base": fta.nn.ModelView(base), **{name: fta.nn.ModelView(model) for name, model in models.items()}}
-mine = {name: [count_intruders(views["base"].get(m), views[name].get(m), 10, 0.5) for m in reports[name]["name"]]
-        for name in models}
-assert all(mine[name] == reports[name]["intruders"].tolist() for name in models), mine
-reports["LoRA r=8"].loc[reports["LoRA r=8"]["intruders"] > 0, ["name", "intruders", "dW_rel"]]
+views = {key: fta.nn.ModelView(model) for key, model in models.items()}
+base_view = fta.nn.ModelView(base)
+mine = {key: [count_intruders(base_view.get(m), views[key].get(m), 10, 0.5) for m in reports[key]["name"]] for key in models}
+assert all(mine[key] == reports[key]["intruders"].tolist() for key in models), mine
+reports["LoRA r=8", 0].loc[reports["LoRA r=8", 0]["intruders"] > 0, ["name", "intruders", "dW_rel"]]
 
 # %% [markdown]
-# **The control.** Is any change of that size enough to create intruders? Add dense Gaussian noise to every
-# matrix of the base, with the same Frobenius norm as LoRA r=8's update of that matrix, and count again.
+# **The control.** Is any change of that size enough to create intruders? For each seed, add dense Gaussian
+# noise to every matrix of the base, with the same Frobenius norm as that seed's LoRA r=8 update of the
+# matrix, and count again.
 
 # %%
-noisy = fta.zoo.load("gpt2-tiny")[0]
-noisy_view, generator = fta.nn.ModelView(noisy), torch.Generator().manual_seed(0)
-for name in views["base"].matrix_names():
-    W0 = views["base"].get(name)
-    noise = torch.randn(W0.shape, generator=generator)
-    noisy_view.set(name, W0 + noise * (views["LoRA r=8"].get(name) - W0).norm() / noise.norm())
-n_noise = int(fta.probes.spectral_report(base, noisy)["intruders"].sum())
-print(f"intruders: full {table.loc['full', 'intruders (all matrices)']}, LoRA r=8 {table.loc['LoRA r=8', 'intruders (all matrices)']}, "
-      f"dense noise of LoRA r=8's norms {n_noise}")
+noise_intruders = {}
+for seed in SEEDS:
+    noisy = fta.zoo.load("gpt2-tiny")[0]
+    noisy_view, generator = fta.nn.ModelView(noisy), torch.Generator().manual_seed(seed)
+    for name in base_view.matrix_names():
+        W0 = base_view.get(name)
+        noise = torch.randn(W0.shape, generator=generator)
+        noisy_view.set(name, W0 + noise * (views["LoRA r=8", seed].get(name) - W0).norm() / noise.norm())
+    noise_intruders[seed] = int(fta.probes.spectral_report(base, noisy)["intruders"].sum())
+table = runs.groupby("method", sort=False).mean().drop(columns="seed")
+table.loc["dense noise, LoRA r=8's norms", "intruders (all matrices)"] = sum(noise_intruders.values()) / len(SEEDS)
+print(f"intruders per seed: dense noise of LoRA r=8's norms {list(noise_intruders.values())}")
+table.round(3)  # means over the three seeds
 
 # %% [markdown]
-# **What to see.** Both fine-tunes learn the new skill, and LoRA r=8 has several times more intruders than full
-# fine-tuning and than dense noise of the same size: a low-rank update concentrates its change in a few new
-# directions. But on this tiny model, **forgetting does not follow the intruders**: full fine-tuning forgets the
-# pretraining mix the most with the fewest. The paper's models already had the skill in latent form; this one
-# has to learn it (notebook 02 shows the paper's picture on a real pretrained encoder).
+# **What to see.** Both full fine-tuning and LoRA r = 8 learn the new skill at every seed; LoRA r = 1 learns
+# it only in part, and how far depends on the seed. On average LoRA r = 8 has several times more intruders than
+# full fine-tuning, which has between 0 and a handful. Dense noise of LoRA r = 8's size is not harmless on
+# a 64-wide model: it makes a few intruders too. So LoRA r = 8 holds a clear lead over noise of its size,
+# but a smaller lead than over full fine-tuning. A low-rank update concentrates its change in a few new
+# directions. But on this tiny model, **forgetting does not follow the intruders**: at every seed full
+# fine-tuning forgets the pretraining mix more, with the fewest intruders. The paper's models already had
+# the skill in latent form; this one has to learn it (notebook 02 shows the paper's picture on a real
+# pretrained encoder).
+#
+# *How the checks were set.* This lab first checked one seed: LoRA r = 8 above 3 times the larger of full
+# fine-tuning's and noise's counts. On a second machine that run gave 12 against 3 and 4 (3 × 4 = 12), and the
+# check failed. Over three seeds, the checks below ask for 3 times full fine-tuning's mean and 2 times noise's
+# mean. They were set after seeing the three-seed means (LoRA r = 8 17.0, full 2.0, noise 3.0).
 
 # %%
-assert table["reverse accuracy"].min() > 0.85
-assert table.loc["LoRA r=8", "intruders (all matrices)"] > 3 * max(table.loc["full", "intruders (all matrices)"], n_noise)
-assert table.loc["full", "pretraining-mix loss rise"] > table.loc["LoRA r=8", "pretraining-mix loss rise"]
+per_seed = {name: runs[runs["method"] == name].set_index("seed") for name in methods}
+noise_mean = table.loc["dense noise, LoRA r=8's norms", "intruders (all matrices)"]
+assert pd.concat([per_seed["full"], per_seed["LoRA r=8"]])["reverse accuracy"].min() > 0.85  # every seed
+assert per_seed["LoRA r=1"]["reverse accuracy"].min() > 0.3  # in part: the base scores 0
+assert table.loc["LoRA r=8", "intruders (all matrices)"] > 3 * table.loc["full", "intruders (all matrices)"]
+assert table.loc["LoRA r=8", "intruders (all matrices)"] > 2 * noise_mean
+assert (per_seed["full"]["pretraining-mix loss rise"] > per_seed["LoRA r=8"]["pretraining-mix loss rise"]).all()
 
 # %% [markdown]
 # ## Intervening on the intruders
 # The paper scales the intruders down (`lam < 1`) and sees forgetting fall while the new task holds.
 # `fta.probes.scale_intruders` does it for every matrix with your Exercise 3 formula; its `control=True` scales
-# as many randomly chosen *non*-intruder directions of the top k instead.
+# as many randomly chosen *non*-intruder directions of the top k instead. We halve them in LoRA r = 8's
+# fine-tune at each seed.
 
 # %%
-lora = models["LoRA r=8"]
 rows = []
-for lam in (1.0, 0.5):
-    for control in (False, True):
-        if lam == 1.0 and control:
-            continue
-        scaled = fta.probes.scale_intruders(base, lora, lam=lam, which="all", control=control, seed=0)
-        rows.append({"lam": lam, "scaled": "random non-intruders" if control else "intruders",
+for seed in SEEDS:
+    lora = models["LoRA r=8", seed]
+    for scaled_name, lam, control in (("none", 1.0, False), ("intruders, halved", 0.5, False),
+                                      ("random non-intruders, halved", 0.5, True)):
+        scaled = lora if lam == 1.0 else fta.probes.scale_intruders(base, lora, lam=lam, which="all", control=control, seed=seed)
+        rows.append({"seed": seed, "scaled": scaled_name,
                      "reverse accuracy": task.evaluate(scaled, tok, n=eval_n)["accuracy"],
                      "pretraining-mix loss rise": mix.evaluate(scaled, tok, n=eval_n)["loss"] - mix_base})
-scaling = pd.DataFrame(rows).round(3)
-scaling
+scaling = pd.DataFrame(rows)
+scaling.pivot(index="scaled", columns="seed", values=["reverse accuracy", "pretraining-mix loss rise"]).round(3)
 
 # %% [markdown]
-# **What to see.** Halving the intruders takes most of the new skill away, far more than halving random
-# directions of the same count, and forgetting does not fall. Here the intruders *are* the new skill: the
-# paper's intervention works when the fine-tune elicits what the model nearly knew, not when it teaches it
-# something new.
+# **What to see.** Halving the intruders takes most of the new skill away, and forgetting barely falls. But
+# halving as many random non-intruders does much the same. Which of the two costs more changes from seed to
+# seed, so on this model the intruders are not special. Here the top directions of the update *are* the new
+# skill, intruders or not. The paper's intervention works when the fine-tune elicits what the model nearly
+# knew, not when it teaches it something new.
+#
+# *How the checks were set.* On one seed, this lab once found that halving the intruders cost at least 0.1
+# more accuracy than the control. On three seeds, on a second machine, the difference changes sign. The
+# checks below keep what holds on the mean: both interventions cost at least 40% of the accuracy, and at least
+# half of the forgetting remains.
 
 # %%
-halved, halved_control = scaling.iloc[1], scaling.iloc[2]
-assert halved["reverse accuracy"] < 0.5 * table.loc["LoRA r=8", "reverse accuracy"]
-assert halved["reverse accuracy"] < halved_control["reverse accuracy"] - 0.1
-assert halved["pretraining-mix loss rise"] > table.loc["LoRA r=8", "pretraining-mix loss rise"] - 0.5
+mean = scaling.groupby("scaled").mean()
+for scaled_name in ("intruders, halved", "random non-intruders, halved"):
+    assert mean.loc[scaled_name, "reverse accuracy"] < 0.6 * mean.loc["none", "reverse accuracy"], mean
+    assert mean.loc[scaled_name, "pretraining-mix loss rise"] > 0.5 * mean.loc["none", "pretraining-mix loss rise"], mean

@@ -283,27 +283,32 @@ correlations = pd.DataFrame([{"forgetting measure": measure, "Spearman rho with 
 correlations.round(3)
 
 # %% [markdown]
-# **What to see** (numbers measured at `FTA_SCALE=ci`).
+# **What to see** (numbers measured at `FTA_SCALE=ci`, seed 0; on a model this small they move by a nat or
+# more with the seed or the machine, so the checks below ask only for what held at seeds 0, 1 and 2).
 #
 # - *The exact controls measure zero*: the base against itself and the untrained SSF give a loss rise, a KL and
 #   an intruder count of 0. *Dense noise* of LoRA r = 8's size, with no training at all, already costs about
-#   5.7 nats per answer token: the tiny base is fragile, and an update of this relative size hurts whatever its
-#   direction. Every fine-tune forgets more than that (8.0 to 12.4 nats), and at the prompt positions the
-#   learned updates move the distributions more than twice as much as the noise does (at this scale).
+#   5 nats per answer token (4.3 to 5.7 over the three seeds): the tiny base is fragile, and an update of this
+#   relative size hurts whatever its direction. Every fine-tune forgets more than that (8.5 to 12.4 nats), and at
+#   the prompt positions the learned updates move the distributions more than the noise does (1.8 to 6.7 times).
 # - *Every fine-tune forgets heavily* on a mix the base gets about 90% right (loss 0.24 nats), including BitFit and
 #   SSF, which in this budget learn to reverse per token (token accuracy 0.63 and 0.79, base 0.13) but almost never
 #   a whole answer. BitFit trains about 1% of the parameters and forgets the most: the number of trainable
-#   parameters does not predict forgetting either.
+#   parameters does not predict forgetting either. LoRA r = 1 learns whole answers only in part, and how far
+#   depends on the seed (0.87, 0.47 and 0.71 at seeds 0, 1 and 2).
 # - *At answer positions the KL equals the loss rise* to about 1%: the base is nearly certain of the answer
 #   there, so KL(p_base ‖ p_ft) ≈ −log p_ft(answer) − H(p_base), which is the loss rise. The two measures part at
 #   the prompt positions, where the base is uncertain and only the KL can say how far the distribution moved.
-#   There the two LoRA runs move about 2.6 nats against 6.4 to 6.8 for full fine-tuning, BitFit and SSF, a
-#   larger gap than the loss rise shows.
+#   There the two LoRA runs move 3.0 and 3.5 nats against 6.2 to 6.8 for full fine-tuning, BitFit and SSF: LoRA
+#   r = 8 is much closer to full fine-tuning in loss rise (ratio 0.85) than in prompt KL (0.45), at every seed.
 # - *Forgetting does not follow the intruders.* BitFit changes no weight matrix, so it has no intruders, and it
 #   forgets more than LoRA r = 8, which has the most. Across the five methods ρ is negative for all three
-#   measures (−0.8, −0.8, −0.9), the opposite of the paper's claim, as lab 02 found for full fine-tuning vs
-#   LoRA. But five points are weak evidence: the permutation p is 0.08 to 0.13. And the sign is not even stable:
-#   at `FTA_SCALE=full` (1,500 steps, measured once) SSF learns the task (accuracy 0.53), grows 38 intruders and
+#   measures (−0.8, −0.8, −1.0; and negative for all three at seeds 1 and 2 too), the opposite of the paper's
+#   claim, as lab 02 found for full fine-tuning vs LoRA. But five points are weak evidence. The exact test
+#   cannot give a p below 2/120 = 0.017 with five points, and reaching that needs a perfect ranking, which
+#   the KL at prompt positions has here. The other two have p = 0.13. An earlier run of this lab on another
+#   machine found ρ = −0.8 to −0.9 and p = 0.08 to 0.13. And the sign is not even stable: at
+#   `FTA_SCALE=full` (1,500 steps, measured once) SSF learns the task (accuracy 0.53), grows 38 intruders and
 #   forgets the most (14.2 nats), and ρ turns positive (+0.5, +0.3, +0.1; p ≥ 0.45). The methods differ in much
 #   more than their intruders (parameter count, learning rate, how well they learned); on a tiny base that must
 #   *learn* the skill, intruders describe the shape of the update, not how much the model forgets.
@@ -313,24 +318,25 @@ measures = ["mix loss rise (nats)", "KL answer positions", "KL prompt positions"
 # the exact controls: nothing changed, nothing measured
 assert (table.loc[["base (itself)", "SSF, 0 steps"], measures].abs() < 1e-6).all().all()
 assert (table.loc[["base (itself)", "SSF, 0 steps"], "intruders"] == 0).all()
-# learning, against the base: full and LoRA learn reverse; BitFit and SSF learn it per token
-assert fine_tunes.loc[["full", "LoRA r=8", "LoRA r=1"], "reverse accuracy"].min() > 0.85
+# learning, against the base: full and LoRA r=8 learn reverse, LoRA r=1 in part; BitFit and SSF learn it per token
+assert fine_tunes.loc[["full", "LoRA r=8"], "reverse accuracy"].min() > 0.85
+assert fine_tunes.loc["LoRA r=1", "reverse accuracy"] > base_reverse["accuracy"] + 0.3
 assert (fine_tunes.loc[["BitFit", "SSF"], "reverse token accuracy"] > base_reverse["token_accuracy"] + 0.3).all()
 # forgetting: noise of LoRA r=8's size forgets; every fine-tune forgets more
 noise = table.loc["noise, LoRA r=8's norms"]
 assert noise["mix loss rise (nats)"] > 1.0
 assert (fine_tunes["mix loss rise (nats)"] > noise["mix loss rise (nats)"]).all(), (fine_tunes, noise)
-# the KL at answer positions is the loss rise (within 5%); at prompt positions LoRA r=8 moves far less than full FT
+assert (fine_tunes["KL prompt positions"] > noise["KL prompt positions"]).all(), (fine_tunes, noise)
+# the KL at answer positions is the loss rise (within 5%); at prompt positions LoRA r=8 is much further from full FT
 assert ((fine_tunes["KL answer positions"] - fine_tunes["mix loss rise (nats)"]).abs() < 0.05 * fine_tunes["mix loss rise (nats)"]).all()
 ratio = fine_tunes.loc["LoRA r=8"] / fine_tunes.loc["full"]
-assert ratio["KL prompt positions"] < 0.5 < 0.7 < ratio["mix loss rise (nats)"], ratio
+assert ratio["KL prompt positions"] < ratio["mix loss rise (nats)"] - 0.1, ratio
 # intruders: BitFit has none (its weight matrices are frozen) and forgets more than LoRA r=8
 assert fine_tunes.loc["BitFit", "intruders"] == 0 < fine_tunes.loc["LoRA r=8", "intruders"]
 assert fine_tunes.loc["BitFit", "mix loss rise (nats)"] > fine_tunes.loc["LoRA r=8", "mix loss rise (nats)"]
-# five points: no rank correlation is significant, at either scale
-assert (correlations["permutation p (two-sided)"] > 0.05).all(), correlations
+# five points: even a perfect ranking gives only p = 2 / 5! (the floor of the exact test)
+assert abs(permutation_p(torch.arange(5.0), torch.arange(5.0)) - 2 / 120) < 1e-12
 if S.is_ci:  # measured at this scale (at FTA_SCALE=full SSF learns, grows the most intruders and rho turns positive)
     assert fine_tunes.loc[["BitFit", "SSF"], "reverse accuracy"].max() < 0.2
-    assert (fine_tunes["KL prompt positions"] > 2 * noise["KL prompt positions"]).all()
     assert fine_tunes["intruders"].idxmax() == "LoRA r=8"
     assert (correlations["Spearman rho with intruders"] < 0).all(), correlations
