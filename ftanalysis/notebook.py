@@ -8,10 +8,13 @@ Every notebook starts with::
 
 ``FTA_SCALE`` defaults to ``full`` when CUDA is available and ``ci`` otherwise. The header printed by
 ``setup`` is the first output of every committed notebook: it says which scale and device produced it.
+``setup`` also prints the ``ftanalysis.cache`` log lines, so the output says which fine-tunes were trained
+and which were loaded from the cache.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
@@ -45,6 +48,26 @@ class Scale:
         return self.name == "ci"
 
 
+class _PrintHandler(logging.Handler):
+    """Writes each record with ``print``, so in a notebook it lands in the output of the running cell."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record))
+
+
+def show_cache_log(show: bool = True) -> None:
+    """Print (or stop printing) the ``ftanalysis.cache`` lines: which fine-tunes were trained or loaded."""
+    cache_logger = logging.getLogger("ftanalysis.cache")
+    for handler in [h for h in cache_logger.handlers if isinstance(h, _PrintHandler)]:
+        cache_logger.removeHandler(handler)
+    if show:
+        cache_logger.addHandler(_PrintHandler())
+        cache_logger.setLevel(logging.INFO)
+        cache_logger.propagate = False
+    else:
+        cache_logger.propagate = True
+
+
 def current_scale() -> str:
     """``$FTA_SCALE`` if set (``ci`` or ``full``), else ``full`` with CUDA and ``ci`` without."""
     value = os.environ.get("FTA_SCALE")
@@ -59,7 +82,10 @@ def current_scale() -> str:
 
 
 def setup(seed: int = 0, threads: int | None = None, quiet: bool = False) -> Scale:
-    """Seed Python and torch, pick the scale and device, and print one header line."""
+    """Seed Python and torch, pick the scale and device, and print one header line.
+
+    Unless ``quiet``, the cache's log lines are printed from then on (:func:`show_cache_log`).
+    """
     from . import __version__
     from .train import choose_device
 
@@ -78,4 +104,5 @@ def setup(seed: int = 0, threads: int | None = None, quiet: bool = False) -> Sca
             f"FTA_SCALE={scale.name} | device={scale.device} ({name}, {torch.get_num_threads()} threads) | "
             f"ftanalysis {__version__} | torch {torch.__version__}"
         )
+        show_cache_log()
     return scale

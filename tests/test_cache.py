@@ -34,3 +34,58 @@ def test_other_weights_under_the_same_label_are_not_served_from_the_cache(tok, t
     fta.cached_finetune("tiny", model, **_args(tok))
     fta.cached_finetune("tiny", other, **_args(tok))
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_changed_training_code_is_not_served_from_the_cache(tok, tmp_path, monkeypatch):
+    import ftanalysis.cache as cache
+
+    monkeypatch.setenv("FTA_CACHE_DIR", str(tmp_path))
+    model = make_tiny("gpt2")
+    fta.cached_finetune("tiny", model, **_args(tok))
+    monkeypatch.setattr(cache, "training_code_digest", lambda: "0" * 16)  # as if train.py had been edited
+    fta.cached_finetune("tiny", model, **_args(tok))
+    assert len(list(tmp_path.iterdir())) == 2
+    keys = [(folder / "key.json").read_text() for folder in tmp_path.iterdir()]
+    assert any('"code": "0000000000000000"' in key for key in keys) and all(fta.__version__ in key for key in keys)
+
+
+def test_training_code_digest_covers_the_training_loop_and_methods(tmp_path, monkeypatch):
+    import shutil
+
+    import ftanalysis.cache as cache
+
+    package = tmp_path / "ftanalysis"
+    shutil.copytree(cache.Path(cache.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(cache, "__file__", str(package / "cache.py"))
+    digest = cache.training_code_digest.__wrapped__
+    before = digest()
+    (package / "probes" / "spectral.py").write_text("# a probe changed: fine-tunes are unaffected\n")
+    assert digest() == before
+    for changed in ("train.py", "methods/lora.py", "tasks/base.py"):
+        (package / changed).write_text((package / changed).read_text() + "\n# edited\n")
+        assert digest() != before, changed
+        before = digest()
+
+
+def test_each_call_says_whether_it_trained_or_loaded(tok, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FTA_CACHE_DIR", str(tmp_path))
+    fta.notebook.show_cache_log(False)  # records reach pytest's handler on the root logger
+    model = make_tiny("gpt2")
+    with caplog.at_level("INFO", logger="ftanalysis.cache"):
+        fta.cached_finetune("tiny", model, **_args(tok))
+        fta.cached_finetune("tiny", model, **_args(tok))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ftanalysis.cache"]
+    assert len(lines) == 2 and "trained in" in lines[0] and "loaded from the cache" in lines[1], lines
+    assert lines[0].startswith("fine-tune tiny | copy | Full | seed=0")
+
+
+def test_notebook_setup_prints_the_cache_lines(tok, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FTA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FTA_SCALE", "ci")
+    try:
+        fta.notebook.setup(seed=0)
+        fta.cached_finetune("tiny", make_tiny("gpt2"), **_args(tok))
+        out = capsys.readouterr().out
+        assert "FTA_SCALE=ci" in out and "fine-tune tiny | copy | Full | seed=0: trained in" in out, out
+    finally:
+        fta.notebook.show_cache_log(False)
