@@ -116,7 +116,9 @@ def test_ia3_bad_input():
     with pytest.raises(ValueError, match="whole layers"):
         fta.methods.IA3(target=["attn.k", "attn.v"], feedforward="attn.k").apply(make_tiny("gpt2"), copy=True)
     with pytest.raises(ValueError, match="matches no weight matrix"):
-        fta.methods.IA3(target="k_proj").apply(make_tiny("llama"), copy=True)
+        fta.methods.IA3(target="key_proj").apply(make_tiny("llama"), copy=True)
+    # a Hugging Face module name is a target (as in PEFT's target_modules)
+    fta.methods.IA3(target=["k_proj", "down_proj"], feedforward="down_proj").apply(make_tiny("llama"), copy=True)
 
 
 # ---------------------------------------------------------------------- SSF

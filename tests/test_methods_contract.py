@@ -252,7 +252,7 @@ def test_alpha_must_be_positive(cls, alpha):
 
 @pytest.mark.parametrize(
     "method",
-    [LoRA(target="q_proj"), DoRA(target="attn.query"), BitFit(target="layers.9.attn.q"), IA3(target=["attn.k", "wv"]), SSF(target="mlp.fc1")],
+    [LoRA(target="q_projection"), DoRA(target="attn.query"), BitFit(target="layers.9.attn.q"), IA3(target=["attn.k", "wv"]), SSF(target="mlp.fc1")],
     ids=["lora", "dora", "bitfit", "ia3", "ssf"],
 )
 def test_unknown_targets_are_errors_that_list_the_names(method):
@@ -262,7 +262,7 @@ def test_unknown_targets_are_errors_that_list_the_names(method):
 
 def test_unknown_target_in_corda_calibration():
     with pytest.raises(ValueError, match="matches no weight matrix"):
-        CorDA(target="c_attn").calibrate(make_tiny("gpt2"), [_ids()])
+        CorDA(target="c_attention").calibrate(make_tiny("gpt2"), [_ids()])
 
 
 @pytest.mark.parametrize("cls", [Adapter, PrefixTuning], ids=lambda c: c.__name__)

@@ -107,7 +107,7 @@ def test_lora_rank_above_matrix_size_and_unknown_target():
     with pytest.raises(ValueError, match=r"min\(out, in\) = 32"):
         fta.methods.LoRA(r=33).apply(make_tiny("gpt2"), copy=True)
     with pytest.raises(ValueError, match="matches no weight matrix.*attn.q"):
-        fta.methods.LoRA(target="q_proj").apply(make_tiny("llama"), copy=True)
+        fta.methods.LoRA(target="q_projection").apply(make_tiny("llama"), copy=True)
 
 
 def test_applying_two_conflicting_methods_is_an_error():

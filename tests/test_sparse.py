@@ -260,7 +260,7 @@ def test_spiel_bad_config():
     with pytest.raises(ValueError, match="'density'"):
         M.SpIEL(density=0)
     with pytest.raises(ValueError, match="matches no weight matrix"):
-        M.SpIEL(target="q_proj").apply(make_tiny("llama"))
+        M.SpIEL(target="q_projection").apply(make_tiny("llama"))
 
 
 # ---------------------------------------------------------------------------------------------- LIFT

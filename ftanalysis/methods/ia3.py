@@ -25,7 +25,7 @@ from ..nn.view import ModelView, unwrap
 from .base import Method
 from .bitfit import out_features_of
 from .lora import part_key, replace_module, write_dense
-from .targets import resolve_targets
+from .targets import resolve_targets, take_target_modules
 
 
 def part_vector(parts: dict[str, slice], vectors: nn.ParameterDict, size: int, fill: float) -> torch.Tensor:
@@ -112,6 +112,9 @@ class IA3(Method):
     feedforward : str or list of str, default="mlp.down"
         The targets whose *input* is scaled (the MLP activation for ``mlp.down``); the other targets have
         their output scaled. Must be a subset of ``target`` and whole layers (not a third of GPT-2's c_attn).
+    target_modules, feedforward_modules : str or list of str, optional
+        PEFT's names for ``target`` and ``feedforward`` (Hugging Face module names such as ``"k_proj"`` are
+        accepted by both spellings).
 
     Examples
     --------
@@ -125,12 +128,22 @@ class IA3(Method):
 
     target: str | list[str] = field(default_factory=lambda: ["attn.k", "attn.v", "mlp.down"])
     feedforward: str | list[str] = "mlp.down"
+    target_modules: str | list[str] | None = field(default=None, repr=False)
+    feedforward_modules: str | list[str] | None = field(default=None, repr=False)
     targets_: list[str] = field(default_factory=list, init=False, repr=False)
 
     name: ClassVar[str] = "ia3"
     paper: ClassVar[str] = "https://arxiv.org/abs/2205.05638"
 
     def __post_init__(self):
+        take_target_modules(self, ["attn.k", "attn.v", "mlp.down"])
+        if self.feedforward_modules is not None:  # PEFT's name for feedforward
+            if self.feedforward not in ("mlp.down", self.feedforward_modules):
+                raise ValueError(
+                    f"IA3 got both feedforward={self.feedforward!r} and feedforward_modules={self.feedforward_modules!r}; "
+                    "feedforward_modules is PEFT's name for feedforward: pass one of them."
+                )
+            self.feedforward, self.feedforward_modules = self.feedforward_modules, None
         for attr in ("target", "feedforward"):
             if isinstance(getattr(self, attr), (list, tuple)):
                 setattr(self, attr, list(getattr(self, attr)))

@@ -29,7 +29,7 @@ from torch import nn
 from .._validation import check_float, check_int, check_option
 from ..nn.view import ModelView, unwrap
 from .base import Method
-from .targets import resolve_targets
+from .targets import resolve_targets, take_target_modules
 
 LORA_INITS = ("gaussian", "kaiming", "pissa", "corda")
 CORDA_HINT = (
@@ -163,7 +163,8 @@ class LoRA(Method):
     dropout : float, default=0.0
         Dropout on the input of A, in [0, 1).
     target : str or list of str, default="all-linear"
-        Canonical names, kinds (``"attn.q"``, ``"mlp"``), regular expressions or ``"all-linear"``.
+        Canonical names, kinds (``"attn.q"``, ``"mlp"``), Hugging Face module names (``"q_proj"``,
+        ``"c_attn"``), regular expressions or ``"all-linear"``. ``target_modules=`` (PEFT's name) is an alias.
     init : {"gaussian", "kaiming", "pissa", "corda"}, default="gaussian"
         ``gaussian``: A ~ N(0, 1/r^2) and B = 0 (the paper's random Gaussian A, with PEFT's std);
         ``kaiming``: PEFT's default Kaiming-uniform A; ``pissa``: principal singular vectors (see module
@@ -182,6 +183,7 @@ class LoRA(Method):
     init: str = "gaussian"
     rslora: bool = False
     train_a: bool = True
+    target_modules: str | list[str] | None = field(default=None, repr=False)
     targets_: list[str] = field(default_factory=list, init=False, repr=False)
 
     # True only for subclasses that bring the calibration data an init needs (CorDA)
@@ -201,6 +203,7 @@ class LoRA(Method):
         check_option(self.init, "init", owner, LORA_INITS)
         if self.init == "corda" and not self.calibrated_init:
             raise ValueError(CORDA_HINT)
+        take_target_modules(self, "all-linear")
         if isinstance(self.target, (list, tuple)):
             self.target = list(self.target)
 
