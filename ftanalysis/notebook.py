@@ -19,6 +19,7 @@ import os
 import platform
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +69,21 @@ def show_cache_log(show: bool = True) -> None:
         cache_logger.propagate = True
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else :func:`platform.processor` or the machine type.
+
+    Part of a notebook's header: on a tiny model another CPU rounds the matrix products differently, the
+    training runs part ways, and the numbers of a notebook move with the machine that produced them.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def current_scale() -> str:
     """``$FTA_SCALE`` if set (``ci`` or ``full``), else ``full`` with CUDA and ``ci`` without."""
     value = os.environ.get("FTA_SCALE")
@@ -99,7 +115,7 @@ def setup(seed: int = 0, threads: int | None = None, quiet: bool = False) -> Sca
         torch.set_num_threads(threads)
     scale = Scale(name=current_scale(), device=str(choose_device()))
     if not quiet:
-        name = torch.cuda.get_device_name(0) if scale.device.startswith("cuda") else platform.processor() or platform.machine()
+        name = torch.cuda.get_device_name(0) if scale.device.startswith("cuda") else cpu_name()
         print(
             f"FTA_SCALE={scale.name} | device={scale.device} ({name}, {torch.get_num_threads()} threads) | "
             f"ftanalysis {__version__} | torch {torch.__version__}"

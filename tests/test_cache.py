@@ -89,3 +89,12 @@ def test_notebook_setup_prints_the_cache_lines(tok, tmp_path, monkeypatch, capsy
         assert "FTA_SCALE=ci" in out and "fine-tune tiny | copy | Full | seed=0: trained in" in out, out
     finally:
         fta.notebook.show_cache_log(False)
+
+
+def test_notebook_header_names_the_cpu(monkeypatch, capsys):
+    monkeypatch.setenv("FTA_SCALE", "ci")
+    monkeypatch.setattr(fta.notebook, "cpu_name", lambda: "Test CPU 9000")
+    monkeypatch.setattr(fta.notebook, "show_cache_log", lambda show=True: None)
+    fta.notebook.setup(seed=0)
+    if not torch.cuda.is_available():
+        assert "device=cpu (Test CPU 9000, " in capsys.readouterr().out
