@@ -1,4 +1,4 @@
-"""The ``ftanalysis`` command line: ``demo``, ``zoo``, ``tasks`` (and the commands later issues add)."""
+"""The ``ftanalysis`` command line: ``demo``, ``zoo``, ``tasks``, ``labs``, ``spectral``, ``merge``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ COMMANDS = {
     "tasks": ("list the procedural tasks with an example each", None),
     "labs": ("teaching labs: list, get a student or solution notebook, build --check", None),
     "spectral": ("intruder dimensions and update spectra of a fine-tune: BASE FT --out DIR", "ftanalysis.probes.spectral_cli"),
+    "merge": ("merge fine-tunes of one base: --method ties BASE FT... --out DIR (or a mergekit --config)", "ftanalysis.merging.cli"),
 }
 
 
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         lines = [f"  {name:10s} {help_}" for name, (help_, _) in COMMANDS.items()]
-        print("usage: ftanalysis <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        text = "usage: ftanalysis <command> [options]\n\ncommands:\n" + "\n".join(lines)
+        if not argv:  # no command is a mistake: the help goes to stderr and the exit status says so
+            print(text, file=sys.stderr)
+            raise SystemExit(2)
+        print(text)
         return
     command, rest = argv[0], argv[1:]
     if command == "demo":
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         from .probes.spectral_cli import main as spectral_main
 
         spectral_main(rest)
+    elif command == "merge":
+        from .merging.cli import main as merge_main
+
+        merge_main(rest)
     else:
         raise SystemExit(f"ftanalysis: unknown command {command!r}. Commands: {sorted(COMMANDS)}.")
 

@@ -16,6 +16,16 @@ def test_help_lists_commands(capsys):
     assert "demo" in out and "zoo" in out
 
 
+def test_no_command_prints_help_to_stderr_and_fails(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "usage: ftanalysis" in captured.err and "merge" in captured.err and captured.out == ""
+
+
 def test_zoo_list_and_tasks(capsys):
     main(["zoo", "list"])
     out = capsys.readouterr().out
