@@ -1,4 +1,4 @@
-"""The ``ftanalysis`` command line: ``demo``, ``zoo``, ``tasks``, ``labs``, ``spectral``, ``merge``."""
+"""The ``ftanalysis`` command line: ``demo``, ``zoo``, ``tasks``, ``labs``, ``spectral``, ``compare``, ``merge``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ COMMANDS = {
     "tasks": ("list the procedural tasks with an example each", None),
     "labs": ("teaching labs: list, get a student or solution notebook, build --check", None),
     "spectral": ("intruder dimensions and update spectra of a fine-tune: BASE FT --out DIR", "ftanalysis.probes.spectral_cli"),
+    "compare": ("one HTML report of what a fine-tune changed: BASE FT [--task NAME] --out DIR", "ftanalysis.probes.compare_cli"),
     "merge": ("merge fine-tunes of one base: --method ties BASE FT... --out DIR (or a mergekit --config)", "ftanalysis.merging.cli"),
 }
 
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         from .probes.spectral_cli import main as spectral_main
 
         spectral_main(rest)
+    elif command == "compare":
+        from .probes.compare_cli import main as compare_main
+
+        compare_main(rest)
     elif command == "merge":
         from .merging.cli import main as merge_main
 

@@ -177,17 +177,6 @@ def read_config(path: str | Path) -> tuple[str, str, list[str], list[float] | No
     return method, str(config["base_model"]), models, (weights if any(w != 1.0 for w in weights) else None), options
 
 
-def load_checkpoint(name: str):
-    """``(model, tokenizer)`` of a zoo name, a checkpoint folder or a hub id."""
-    from ..zoo.loading import load_model, zoo_path
-
-    if not Path(name).expanduser().exists():
-        folder = zoo_path(name)
-        if folder is not None:
-            return load_model(folder)
-    return load_model(name)
-
-
 def check_out(out: Path, force: bool) -> None:
     """Refuse an existing non-empty ``out`` unless ``force``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -215,6 +204,7 @@ def write_merged(model, tok, out: Path, record: dict, force: bool = False) -> Pa
 
 def run(args: argparse.Namespace) -> Path:
     """Merge as the parsed command line says; returns the output folder."""
+    from ..zoo.loading import load_checkpoint
     from . import get
 
     if args.config:

@@ -36,7 +36,7 @@ def plot_cos_heatmap(result, n_base: int | None = None, ax=None) -> plt.Figure:
     """|cos| of the top-k singular vectors of ``W1`` (rows) against ``W0``'s first ``n_base`` vectors (columns).
 
     ``result`` is an :class:`~ftanalysis.probes.spectral.IntruderResult`. A fine-tune without intruders shows a
-    bright near-diagonal; an intruder is a dark row (every |cos| below ``eps``), marked on the right.
+    bright near-diagonal; an intruder is a dark row (every |cos| below ``eps``), its rank labelled in red.
     """
     cos = result.cos.numpy()
     n_base = min(cos.shape[1], n_base or max(2 * result.k, 20))
@@ -44,14 +44,15 @@ def plot_cos_heatmap(result, n_base: int | None = None, ax=None) -> plt.Figure:
     image = ax.imshow(cos[:, :n_base], vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xlabel(f"singular vectors of W0 ({result.side}), by rank")
     ax.set_ylabel("top-k vectors of W1, by rank")
+    intruder_ranks = {int(rank) for rank in result.ranks}
     ax.set_yticks(range(result.k))
-    ax.set_yticklabels([str(i + 1) for i in range(result.k)], fontsize=7)
+    ax.set_yticklabels([f"intruder {i + 1}" if i + 1 in intruder_ranks else str(i + 1) for i in range(result.k)], fontsize=7)
+    for label, i in zip(ax.get_yticklabels(), range(result.k)):
+        if i + 1 in intruder_ranks:  # marked on the left, clear of the colour bar
+            label.set_color("crimson")
     ticks = list(range(0, n_base, max(1, n_base // 10)))
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(t + 1) for t in ticks], fontsize=7)
-    for rank in result.ranks:
-        ax.annotate("intruder", xy=(n_base - 0.5, rank - 1), xytext=(n_base + 0.3, rank - 1), va="center", fontsize=7,
-                    color="crimson", annotation_clip=False)
     fig.colorbar(image, ax=ax, label="|cos|", fraction=0.04)
     ax.set_title(f"{result.count} intruder(s) at k={result.k}, eps={result.eps}", fontsize=9)
     fig.tight_layout()

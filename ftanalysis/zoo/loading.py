@@ -104,6 +104,19 @@ def load(name: str, device: str | torch.device | None = None):
     return model, tok
 
 
+def load_checkpoint(name_or_path: str | Path, device: str | torch.device | None = None):
+    """``(model, tokenizer)`` of a zoo name (``fta.zoo.available()``), a checkpoint folder or a hub id.
+
+    What the command-line tools take as a checkpoint: a zoo name that is not also a local path is loaded from
+    the zoo (``"smollm2-135m"`` converted on first use), anything else goes to :func:`load_model`.
+    """
+    if isinstance(name_or_path, str) and not Path(name_or_path).expanduser().exists():
+        folder = zoo_path(name_or_path)
+        if folder is not None:
+            return load_model(folder, device=device)
+    return load_model(name_or_path, device=device)
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
 
 
