@@ -47,3 +47,22 @@ def test_demo_runs_small_and_writes_table_and_figure(tmp_path):
     assert {"trainable params", "task acc before", "task acc after", "mix acc before", "mix acc after", "seconds"} <= set(table.columns)
     assert (tmp_path / "demo_training_curves.png").stat().st_size > 1000
     assert table["trainable params"].iloc[1] < table["trainable params"].iloc[0]
+
+
+def test_top_level_help_does_not_import_torch():
+    """``import ftanalysis`` is lazy (PEP 562): ``ftanalysis --help`` answers without loading torch or transformers."""
+    code = ("import sys; from ftanalysis.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_lazy_package_attributes():
+    import ftanalysis as fta
+
+    assert fta.finetune is fta.train.finetune and fta.load_model is fta.zoo.loading.load_model
+    assert "probes" in dir(fta)
+    import pytest
+
+    with pytest.raises(AttributeError, match="has no attribute 'finetunes'"):
+        _ = fta.finetunes
