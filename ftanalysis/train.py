@@ -165,6 +165,8 @@ class FinetuneResult:
     history : pandas.DataFrame
         One row per evaluation: ``step``, ``train_loss`` (mean since the previous row), ``val_accuracy``,
         ``val_loss`` and ``<name>/accuracy``, ``<name>/loss`` for every extra evaluation task.
+    losses : list of float
+        The training loss of every step, always recorded (:attr:`loss_curve` as a Series).
     """
 
     model: torch.nn.Module
@@ -181,6 +183,22 @@ class FinetuneResult:
     device: str
     peak_memory_bytes: int | None = None
     extras: dict = field(default_factory=dict)
+    losses: list = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        final = f"final train loss {self.losses[-1]:.4g}" if self.losses else "no step"
+        last = self.history.iloc[-1] if len(self.history) else {}
+        val = f", val accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else ""
+        return (
+            f"FinetuneResult({self.method!r} on {getattr(self.task, 'name', self.task)!r}: {self.steps} steps, lr {self.lr:g}, "
+            f"batch {self.batch_size}, seed {self.seed}, {self.seconds:.1f} s on {self.device}; trainable "
+            f"{self.trainable_parameters:,} of {self.total_parameters:,}; {final}{val})"
+        )
+
+    @property
+    def loss_curve(self) -> pd.Series:
+        """The training loss per step, indexed by step (1-based)."""
+        return pd.Series(self.losses, index=pd.RangeIndex(1, len(self.losses) + 1, name="step"), name="train_loss", dtype=float)
 
     def merged_model(self) -> torch.nn.Module:
         """A plain Hugging Face model of the base architecture with the update folded in (a copy)."""
@@ -353,9 +371,9 @@ def finetune(
     trainable = method.trainable_count(model)
     total = sum(p.numel() for p in model.parameters())
 
-    start_step, history, seconds_before = 0, [], 0.0
+    start_step, history, seconds_before, losses = 0, [], 0.0, []
     if resume:
-        start_step, history, seconds_before = _load_checkpoint(Path(checkpoint_dir), model, optimizer, method)
+        start_step, history, seconds_before, losses = _load_checkpoint(Path(checkpoint_dir), model, optimizer, method)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if use_bf16:
@@ -374,7 +392,7 @@ def finetune(
     started = time.perf_counter()
     running, running_n = 0.0, 0
     with activation_checkpointing(model, enabled=gradient_checkpointing):
-        bar = tqdm(range(start_step, steps), desc=f"{type(method).__name__} on {task.name}", disable=not progress, leave=False)
+        bar = tqdm(range(start_step, steps), desc=f"{type(method).__name__} on {task.name}", disable=not progress)
         for step in bar:
             current_lr = learning_rate(step, steps, lr, warmup_steps, schedule)
             if optimizer is not None:
@@ -391,6 +409,7 @@ def finetune(
                     "Lower the learning rate or check the data."
                 )
             method.after_step(state)
+            losses.append(loss_value)
             running += loss_value
             running_n += 1
             if progress and step % 10 == 0:
@@ -408,7 +427,7 @@ def finetune(
                 model.train()
             if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
                 elapsed = seconds_before + time.perf_counter() - started
-                _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, method, history, elapsed)
+                _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, method, history, elapsed, losses)
         bar.close()
     model.eval()
     seconds = seconds_before + time.perf_counter() - started
@@ -428,11 +447,12 @@ def finetune(
         device=str(device),
         peak_memory_bytes=peak,
         extras={"gradient_checkpointing": gradient_checkpointing, "bf16": use_bf16},
+        losses=losses,
     )
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _save_checkpoint(root: Path, step: int, model, optimizer, method, history: list, seconds: float) -> None:
+def _save_checkpoint(root: Path, step: int, model, optimizer, method, history: list, seconds: float, losses: list) -> None:
     """Write ``root/step_<n>`` atomically: model state (safetensors), optimiser, RNG and loop state."""
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -444,7 +464,7 @@ def _save_checkpoint(root: Path, step: int, model, optimizer, method, history: l
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "method": method.state_dict()}, tmp / "rng_and_method.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, "seconds": seconds}))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, "seconds": seconds, "losses": losses}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -470,7 +490,7 @@ def latest_checkpoint(root: Path) -> Path:
     return candidates[-1]
 
 
-def _load_checkpoint(root: Path, model, optimizer, method) -> tuple[int, list, float]:
+def _load_checkpoint(root: Path, model, optimizer, method) -> tuple[int, list, float, list]:
     path = latest_checkpoint(root)
     extra = safe_torch_load(path / "rng_and_method.pt", "checkpoint file")
     try:
@@ -489,4 +509,6 @@ def _load_checkpoint(root: Path, model, optimizer, method) -> tuple[int, list, f
         optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt", "checkpoint file"))
     torch.set_rng_state(extra["torch"])
     method.load_state_dict(extra["method"])
-    return int(meta["step"]), list(meta["history"]), float(meta["seconds"])
+    step = int(meta["step"])
+    losses = [float(v) for v in meta.get("losses", [math.nan] * step)]  # checkpoints of older versions have none
+    return step, list(meta["history"]), float(meta["seconds"]), losses

@@ -68,6 +68,7 @@ def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(small, tok, tmp_p
     a, b = full_run.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     pd.testing.assert_frame_equal(full_run.history, resumed.history)
+    pd.testing.assert_series_equal(full_run.loss_curve, resumed.loss_curve)  # the steps before the interruption too
 
 
 def _interrupt_after(model, tok, task, method, ckpt, stop_at, **kwargs):
@@ -227,3 +228,15 @@ def test_bf16_on_cpu_runs_under_autocast_and_is_recorded(small, tok):
     a, b = fp32.history["train_loss"].iloc[-1], bf16.history["train_loss"].iloc[-1]
     assert a != b and b == pytest.approx(a, rel=5e-2)  # bf16 matmuls: close, not equal
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+
+
+def test_loss_curve_is_recorded_by_default_and_repr_is_short(small, tok):
+    task = fta.tasks.make("copy")
+    result = fta.finetune(small, tok, task, fta.methods.LoRA(r=2), steps=6, lr=5e-3, batch_size=4, seed=0, progress=False)
+    curve = result.loss_curve
+    assert list(curve.index) == [1, 2, 3, 4, 5, 6] and curve.name == "train_loss"
+    # without eval_every the history has one row, whose train_loss is the mean of the whole curve
+    assert len(result.history) == 1 and abs(result.history["train_loss"].iloc[0] - curve.mean()) < 1e-9
+    text = repr(result)
+    assert text.startswith("FinetuneResult(LoRA(r=2") and "on 'copy': 6 steps" in text and f"final train loss {curve.iloc[-1]:.4g}" in text
+    assert len(text) < 400 and "Linear(" not in text  # a summary, not the model
