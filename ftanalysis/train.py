@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -184,6 +185,41 @@ class FinetuneResult:
     peak_memory_bytes: int | None = None
     extras: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
+    tokenizer: object = field(default=None, repr=False)
+
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the merged model, its tokenizer and ``card.json`` (the run's settings, history and loss curve).
+
+        The folder loads with :func:`ftanalysis.load_model`. It is written to a temporary folder beside
+        ``directory`` and renamed into place, so an interrupted save leaves nothing half-written; an existing
+        non-empty ``directory`` is a ``FileExistsError`` unless ``overwrite``.
+        """
+        directory = Path(directory)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+            raise FileExistsError(f"{directory} exists and is not empty: pass overwrite=True to replace it, or choose another folder.")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.merged_model().save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            (tmp / "card.json").write_text(json.dumps(self.card(), indent=2) + "\n")
+            if directory.exists():
+                shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def card(self) -> dict:
+        """The run as JSON-ready data: method, task, settings, history and the loss of every step."""
+        return {
+            "method": repr(self.method), "task": repr(self.task), "steps": self.steps, "lr": self.lr,
+            "batch_size": self.batch_size, "seed": self.seed, "seconds": round(self.seconds, 3), "device": self.device,
+            "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters,
+            "extras": self.extras, "history": self.history.to_dict(orient="records"), "losses": self.losses,
+        }
 
     def __repr__(self) -> str:
         final = f"final train loss {self.losses[-1]:.4g}" if self.losses else "no step"
@@ -406,7 +442,7 @@ def finetune(
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"The training loss became {loss_value} at step {step} (lr={current_lr:g}, method={method!r}). "
-                    "Lower the learning rate or check the data."
+                    f"Lower the learning rate or check the data.{_last_finite_hint(checkpoint_dir)}"
                 )
             method.after_step(state)
             losses.append(loss_value)
@@ -427,7 +463,7 @@ def finetune(
                 model.train()
             if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
                 elapsed = seconds_before + time.perf_counter() - started
-                _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, method, history, elapsed, losses)
+                _save_checkpoint(Path(checkpoint_dir), done, model, optimizer, method, history, elapsed, losses, tok)
         bar.close()
     model.eval()
     seconds = seconds_before + time.perf_counter() - started
@@ -448,26 +484,63 @@ def finetune(
         peak_memory_bytes=peak,
         extras={"gradient_checkpointing": gradient_checkpointing, "bf16": use_bf16},
         losses=losses,
+        tokenizer=tok,
     )
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _save_checkpoint(root: Path, step: int, model, optimizer, method, history: list, seconds: float, losses: list) -> None:
-    """Write ``root/step_<n>`` atomically: model state (safetensors), optimiser, RNG and loop state."""
+def _save_checkpoint(root: Path, step: int, model, optimizer, method, history: list, seconds: float, losses: list, tok=None) -> None:
+    """Write ``root/step_<n>`` atomically; a model with a non-finite weight is refused, never written.
+
+    The folder holds what resuming needs (``training_state.safetensors``: the model as the method left it,
+    ``optimizer.pt``, ``rng_and_method.pt``, ``trainer_state.json``) and, for every method that merges, the
+    merged model as a Hugging Face checkpoint (``config.json``, ``model.safetensors``) with the tokenizer, so
+    ``fta.load_model(root / "step_<n>")`` loads it. Everything is written into ``root/.tmp_step_<n>`` first and
+    renamed into place: a process killed mid-write leaves no ``step_*`` folder half-written (and the next resume
+    removes the leftover temporary folder).
+    """
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(
+            f"The weights became non-finite by step {step} ({bad[:3]}); no checkpoint was written for it."
+            f"{_last_finite_hint(root)}"
+        )
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_dedupe_shared(state), str(tmp / "model.safetensors"))
+    save_file(_dedupe_shared(state), str(tmp / "training_state.safetensors"))
+    loadable = False
+    merged = method.merge(model, copy=True) if method.has_dense_form else None  # adapters and prefixes: none
+    if merged is not None and hasattr(merged, "save_pretrained"):
+        merged.save_pretrained(tmp)
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(tmp)
+        loadable = True
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "method": method.state_dict()}, tmp / "rng_and_method.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, "seconds": seconds, "losses": losses}))
+    meta = {"step": step, "history": history, "seconds": seconds, "losses": losses, "loadable_with_load_model": loadable}
+    (tmp / "trainer_state.json").write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def _last_finite_hint(root) -> str:
+    """`` The last checkpoint ... is finite: ...`` when ``root`` holds one, else an empty string."""
+    if root is None or not Path(root).is_dir():
+        return ""
+    try:
+        last = latest_checkpoint(Path(root))
+    except FileNotFoundError:
+        return ""
+    return (
+        f" The last checkpoint, {last}, is finite (non-finite ones are never written): resume from it with "
+        "resume=True and a lower learning rate."
+    )
 
 
 def _dedupe_shared(state: dict) -> dict:
@@ -493,11 +566,16 @@ def latest_checkpoint(root: Path) -> Path:
 def _load_checkpoint(root: Path, model, optimizer, method) -> tuple[int, list, float, list]:
     path = latest_checkpoint(root)
     extra = safe_torch_load(path / "rng_and_method.pt", "checkpoint file")
+    for tmp in Path(root).glob(".tmp_step_*"):  # left by a process killed while writing a checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+    state_file = path / "training_state.safetensors"
+    if not state_file.is_file():  # checkpoints of older versions kept the training state in model.safetensors
+        state_file = path / "model.safetensors"
     try:
-        state = load_file(str(path / "model.safetensors"))
+        state = load_file(str(state_file))
         meta = json.loads((path / "trainer_state.json").read_text())
     except Exception as err:
-        raise ValueError(f"The checkpoint {path} is corrupt or incomplete (model.safetensors or trainer_state.json): {err}") from err
+        raise ValueError(f"The checkpoint {path} is corrupt or incomplete ({state_file.name} or trainer_state.json): {err}") from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
     if unexpected or set(missing) - tied:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pandas as pd
@@ -97,7 +99,7 @@ def test_resume_without_checkpoint_is_a_clear_error(small, tok, tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(small, tok, tmp_path):
     fta.finetune(small, tok, fta.tasks.make("copy"), steps=2, lr=1e-3, batch_size=2, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
     latest = sorted(tmp_path.glob("step_*"))[-1]
-    (latest / "model.safetensors").write_bytes(b"not a safetensors file")
+    (latest / "training_state.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt"):
         fta.finetune(small, tok, fta.tasks.make("copy"), steps=4, lr=1e-3, batch_size=2, checkpoint_dir=tmp_path, resume=True, progress=False)
 
@@ -240,3 +242,94 @@ def test_loss_curve_is_recorded_by_default_and_repr_is_short(small, tok):
     text = repr(result)
     assert text.startswith("FinetuneResult(LoRA(r=2") and "on 'copy': 6 steps" in text and f"final train loss {curve.iloc[-1]:.4g}" in text
     assert len(text) < 400 and "Linear(" not in text  # a summary, not the model
+
+
+def test_checkpoints_load_with_load_model_and_result_saves(small, tok, tmp_path):
+    task = fta.tasks.make("copy")
+    result = fta.finetune(small, tok, task, fta.methods.LoRA(r=2), steps=4, lr=5e-3, batch_size=4, seed=0, progress=False,
+                          checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2)
+    step4, _ = fta.load_model(tmp_path / "ckpt" / "step_00000004")  # the merged model, config and tokenizer beside it
+    merged = result.merged_model()
+    ids = torch.randint(5, 100, (2, 6))
+    assert torch.allclose(step4(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+    saved = result.save_pretrained(tmp_path / "run")
+    again, again_tok = fta.load_model(saved)
+    assert torch.allclose(again(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+    assert again_tok.get_vocab() == tok.get_vocab()
+    card = json.loads((saved / "card.json").read_text())
+    assert card["steps"] == 4 and card["losses"] == result.losses and card["method"].startswith("LoRA(")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        result.save_pretrained(saved)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_nan_names_the_last_finite_checkpoint_and_writes_no_bad_one(small, tok, tmp_path):
+    import ftanalysis.train as train
+
+    method = fta.methods.Full()
+    original = method.after_step
+
+    def poison(state):  # the weights turn NaN after step 3 (index 2): the loss of step 4 is NaN
+        original(state)
+        if state.step == 2:
+            with torch.no_grad():
+                next(state.model.parameters()).fill_(float("nan"))
+
+    method.after_step = poison
+    with pytest.raises(FloatingPointError, match=r"The last checkpoint, .*step_00000002, is finite"):
+        fta.finetune(small, tok, fta.tasks.make("copy"), method, steps=6, lr=1e-3, batch_size=2, progress=False,
+                     checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002"]
+    # a checkpoint of non-finite weights is refused, with the same hint
+    bad = copy.deepcopy(small)
+    with torch.no_grad():
+        next(bad.parameters()).fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="no checkpoint was written.*step_00000002, is finite"):
+        train._save_checkpoint(tmp_path, 4, bad, None, fta.methods.Full(), [], 0.0, [], tok)
+    assert not (tmp_path / "step_00000004").exists()
+
+
+KILL_SCRIPT = """
+import os, sys
+import ftanalysis as fta
+import ftanalysis.train as train
+from conftest import make_tiny
+from ftanalysis.tasks import build_tokenizer
+
+kill_at, ckpt = int(sys.argv[1]), sys.argv[2]
+original = train.save_file
+
+def save_then_die(state, path, *args, **kwargs):  # the process dies after the first file of checkpoint kill_at
+    original(state, path, *args, **kwargs)
+    if f"tmp_step_{kill_at:08d}" in path:
+        os._exit(3)
+
+train.save_file = save_then_die
+fta.finetune(make_tiny("gpt2"), build_tokenizer(), fta.tasks.make("copy"), fta.methods.LoRA(r=2), steps=6, lr=5e-3,
+             batch_size=4, seed=1, progress=False, checkpoint_dir=ckpt, checkpoint_every=2)
+"""
+
+
+def test_killed_mid_checkpoint_then_resumed_equals_an_uninterrupted_run(tok, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import make_tiny
+
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    ckpt = tmp_path / "ckpt"
+    run = subprocess.run([sys.executable, str(script), "4", str(ckpt)], env=env, capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == [".tmp_step_00000004", "step_00000002"]  # nothing half-written under step_*
+    kwargs = dict(steps=6, lr=5e-3, batch_size=4, seed=1, progress=False)
+    task, tokenizer = fta.tasks.make("copy"), fta.tasks.build_tokenizer()
+    resumed = fta.finetune(make_tiny("gpt2"), tokenizer, task, fta.methods.LoRA(r=2), checkpoint_dir=ckpt, checkpoint_every=2, resume=True, **kwargs)
+    straight = fta.finetune(make_tiny("gpt2"), tokenizer, task, fta.methods.LoRA(r=2), **kwargs)
+    a, b = straight.merged_model().state_dict(), resumed.merged_model().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.losses == resumed.losses
+    assert not (ckpt / ".tmp_step_00000004").exists()  # the resume cleaned up
