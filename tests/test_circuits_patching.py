@@ -212,6 +212,7 @@ def test_batched_path_skips_unchanged_components_and_runs_only_later_positions(f
     """Causality, used twice: components before the first changed token are not run (their effect is exactly
     0), and a chunk starting at position p runs positions >= p only, on the corrupted run's cache."""
     import ftanalysis.probes.circuits.patching as patching
+    from ftanalysis.nn.kv_cache import cache_kwarg
 
     model = make_tiny(family)
     clean, corrupt = pair(changed=(3,))
@@ -220,7 +221,7 @@ def test_batched_path_skips_unchanged_components_and_runs_only_later_positions(f
     real = patching.run_with_hooks
 
     def spy(model_, ids, **kwargs):
-        lengths.append((ids.shape[1], "past_key_values" in kwargs))
+        lengths.append((ids.shape[1], cache_kwarg(model_) in kwargs))
         return real(model_, ids, **kwargs)
 
     monkeypatch.setattr(patching, "run_with_hooks", spy)
@@ -233,3 +234,25 @@ def test_batched_path_skips_unchanged_components_and_runs_only_later_positions(f
     # 2 layers x 4 heads at positions 3..5, three components per pass, latest positions first
     assert sorted({length for length, _ in lengths}) == sorted(seq - p for p in range(3, seq))
     assert all(with_past for length, with_past in lengths if length < seq)
+
+
+def test_patching_from_a_late_position_raises_no_cache_deprecation_warning():
+    """The cached prefix goes in under the name the installed transformers takes (``cache`` in 5.x)."""
+    import warnings
+
+    import ftanalysis as fta
+    from ftanalysis.probes import activation_patching
+
+    base, _ = fta.zoo.load("gpt2-tiny")
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(5, 50, (4, 8), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 5] = 7  # the runs differ only from position 5: the patched runs reuse a cached prefix
+
+    def metric(logits):
+        return logits[:, -1, 10] - logits[:, -1, 11]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        activation_patching(base, clean, corrupt, metric, "z")
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]

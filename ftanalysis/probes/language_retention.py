@@ -30,7 +30,6 @@ analyzing the effects of fine-tuning on procedurally defined tasks", arXiv 2311.
 
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import scipy.stats
 import torch
 
 from .._validation import check_float, check_int
+from ..nn.kv_cache import cache_kwarg, output_cache
 
 OWNER = "LMRetention"
 
@@ -195,7 +195,7 @@ def _decode(model, rows: list[list[int]], n_new: int, pad: int, temperature: flo
         attention[i, width - len(row) :] = 1
     ids, attention = ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp_min(0)  # [batch, pos]: real tokens count from 0 after the padding
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_kwarg(model)
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
     tokens = []
     for step in range(n_new):
@@ -209,8 +209,7 @@ def _decode(model, rows: list[list[int]], n_new: int, pad: int, temperature: flo
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        past = getattr(out, "cache", None)
-        past = getattr(out, "past_key_values", None) if past is None else past
+        past = output_cache(out)
         out = model(input_ids=token[:, None].to(device), attention_mask=attention, position_ids=positions, use_cache=True, **{cache_name: past})
     return torch.stack(tokens, dim=1)  # [batch, n_new]
 

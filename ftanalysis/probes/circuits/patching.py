@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..._validation import check_int, check_option
+from ...nn.kv_cache import cache_kwarg, output_cache
 from ._common import as_ids, call_metric, check_head_indices, check_layers, check_pair, model_device
 from .hooks import ActivationCache, _view, act_name, hooks, run_with_cache, run_with_hooks
 
@@ -347,7 +348,7 @@ class _CorruptRun:
                 out = None
             finally:
                 probe.remove()
-            past = getattr(out, "past_key_values", None)
+            past = output_cache(out) if out is not None else None
             if out is not None and hasattr(out, "logits") and _usable_past(past):
                 skippable = all(outputs) and not any("forward" in vars(b) for b in view.blocks)
                 return cls(corrupt, out.logits, cache, past, list(view.blocks) if skippable else None)
@@ -401,7 +402,7 @@ def _run_chunk(model, corrupt_run: _CorruptRun, chunk, sources, component, metri
     else:
         first_layer = min(by_layer) if corrupt_run.blocks is not None else 0
         resid = corrupt_run.cache["resid_pre", first_layer][:, start:].repeat(k, 1, 1) if first_layer else None
-        kwargs = {"past_key_values": corrupt_run.prefix_cache(start, k), "use_cache": True} if start else {}
+        kwargs = {cache_kwarg(model): corrupt_run.prefix_cache(start, k), "use_cache": True} if start else {}
         with _skipping(corrupt_run.blocks, first_layer, resid):
             tail = run_with_hooks(model, corrupt[:, start:].repeat(k, 1), fwd_hooks=fwd_hooks, view=view, **kwargs)
         logits = torch.cat([corrupt_run.logits[:, :start].repeat(k, 1, 1), tail], dim=1) if start else tail
