@@ -258,6 +258,15 @@ class FinetuneResult:
         }
 
 
+def same_configuration(a, b) -> bool:
+    """True when two methods are of one type with equal settings (``8 == 8.0``; fitted state is ignored)."""
+    from dataclasses import fields, is_dataclass
+
+    if type(a) is not type(b) or not is_dataclass(a):
+        return False
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in fields(a) if f.init and f.repr)
+
+
 def finetune(
     model: torch.nn.Module,
     tok,
@@ -292,7 +301,9 @@ def finetune(
     task : Task
         Training batches come from its ``train`` split; ``val`` is used for the history.
     method : Method, default=Full()
-        How the model is made trainable (``fta.methods.LoRA(r=8)``, ...).
+        How the model is made trainable (``fta.methods.LoRA(r=8)``, ...). If ``model`` already carries a method
+        of the same configuration (e.g. from ``fta.load_peft(base, adapter, merge=False)``), training continues on
+        that one instead of applying a second.
     steps, lr, batch_size : positive numbers.
     seed : int, default=0
         Seeds the method's initialisation, dropout and the order of training batches.
@@ -331,7 +342,7 @@ def finetune(
     FloatingPointError
         If the loss becomes NaN or infinite (the message gives the step and learning rate).
     """
-    from .methods import Full, Method
+    from .methods import Full, Method, applied_methods
 
     method = Full() if method is None else method
     if not isinstance(model, torch.nn.Module):
@@ -399,8 +410,12 @@ def finetune(
     if copy:
         model = copy_module.deepcopy(model)
     torch.manual_seed(seed)
-    method.prepare(model, tok, task, seed)
-    model = method.apply(model)
+    carried = [m for m in applied_methods(model) if same_configuration(m, method)]
+    if carried:  # the model already carries this method (load_peft(..., merge=False)): train that adapter further
+        method = carried[0]
+    else:
+        method.prepare(model, tok, task, seed)
+        model = method.apply(model)
     model.to(device)
     model.train()
     optimizer = method.make_optimizer(model, lr=lr, weight_decay=weight_decay)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .adapters import Adapter
-from .base import Method
+from .base import Method, applied_methods
 from .bitfit import BitFit
 from .chain import ChainLoRA
 from .corda import CorDA
@@ -69,6 +69,6 @@ def get(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
-__all__ = ["Full", "LinearProbe", "LoRA", "LoRALayer", "Method", "available", "get", "register", "resolve_targets"]
+__all__ = ["Full", "LinearProbe", "LoRA", "LoRALayer", "Method", "applied_methods", "available", "get", "register", "resolve_targets"]
 __all__ += ["GradientMaskTuning", "HFT", "LIFT", "LISA", "LTSFT", "MeZO", "SAID", "SparseDiff", "SpIEL", "Subspace", "intrinsic_dimension_sweep"]
 __all__ += ["Adapter", "BitFit", "ChainLoRA", "CorDA", "DoRA", "DoRALayer", "IA3", "PrefixTuning", "SSF"]

@@ -26,6 +26,11 @@ from .._validation import check_bool
 APPLIED_ATTR = "_fta_methods"
 
 
+def applied_methods(model: nn.Module) -> list:
+    """The methods applied to ``model`` and not merged yet, in order (``[]`` for a plain model)."""
+    return list(getattr(model, APPLIED_ATTR, []))
+
+
 def check_bool_fields(config) -> None:
     """``TypeError`` for a ``bool`` option holding anything else (``rslora="no"`` would otherwise count as True)."""
     for f in fields(config):

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._safe_load import safe_torch_load
+from .._validation import check_bool
 from ..nn.view import is_conv1d, unwrap
 from .dora import DoRALayer
 from .lora import LoRALayer, write_dense
@@ -222,8 +223,15 @@ _UNSUPPORTED_OPTIONS = (
 
 
 @torch.no_grad()
-def load_peft(base: nn.Module, directory: str | Path) -> nn.Module:
+def load_peft(base: nn.Module | str | Path, directory: str | Path, merge: bool = True) -> nn.Module:
     """A copy of ``base`` with a PEFT LoRA adapter merged into its weights (a plain model, ``base`` untouched).
+
+    With ``merge=False`` the copy carries the adapter as this package's :class:`~ftanalysis.methods.LoRA`
+    instead (same ``r``, ``lora_alpha``, ``use_rslora``, ``lora_dropout`` and targets, its ``A`` and ``B``
+    loaded), so it computes the same function and training continues on the adapter:
+    ``fta.finetune(model, tok, task, fta.methods.LoRA(r=..., alpha=..., target=...))`` with the same settings
+    (``fta.methods.applied_methods(model)[0]`` is that method) trains it further instead of adding a second adapter.
+    A fused GPT-2 ``c_attn`` adapter becomes one update per part (q, k, v) that share PEFT's ``A`` at the start.
 
     Supports GPT-2's ``Conv1D`` layers (``fan_in_fan_out``), ``use_rslora``, ``rank_pattern`` /
     ``alpha_pattern``, DoRA (``use_dora``) and ``modules_to_save`` weights; the merged weight is
@@ -231,10 +239,14 @@ def load_peft(base: nn.Module, directory: str | Path) -> nn.Module:
 
     Parameters
     ----------
-    base : nn.Module
-        The base model the adapter was trained on (same architecture and module names).
+    base : nn.Module, str or Path
+        The base model the adapter was trained on (same architecture and module names), or where to load it
+        from: a zoo name (``"gpt2-tiny"``), a checkpoint folder or a hub id.
     directory : str or Path
         A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+    merge : bool, default=True
+        False: keep the adapter unmerged, as a trainable LoRA (plain LoRA and rsLoRA adapters with one rank and
+        alpha for every module; DoRA and rank or alpha patterns must be merged).
 
     Raises
     ------
@@ -252,8 +264,13 @@ def load_peft(base: nn.Module, directory: str | Path) -> nn.Module:
     >>> model, tok = fta.zoo.load("gpt2-tiny")
     >>> merged = fta.load_peft(model, "/tmp/fta_lora_adapter")
     """
+    if isinstance(base, (str, Path)):
+        from ..zoo.loading import load_checkpoint
+
+        base = load_checkpoint(base)[0]
     if not isinstance(base, nn.Module):
-        raise TypeError(f"load_peft expects a torch nn.Module as 'base'. Got {type(base).__name__}.")
+        raise TypeError(f"load_peft expects a torch nn.Module, a zoo name or a checkpoint folder as 'base'. Got {type(base).__name__}.")
+    check_bool(merge, "merge", "load_peft")
     directory = _check_directory(directory, "load_peft")
     if not directory.exists():
         raise FileNotFoundError(f"load_peft: the adapter directory {str(directory)!r} does not exist.")
@@ -324,8 +341,44 @@ def load_peft(base: nn.Module, directory: str | Path) -> nn.Module:
         elif config.get("use_dora"):
             raise ValueError(f"load_peft: the config says use_dora but {path!r} has no lora_magnitude_vector.")
         write_dense(layer, merged)
+    if not merge:
+        return _unmerged(base, config, groups, extra)
     if extra:
         model.load_state_dict(extra, strict=False)
     for p in model.parameters():
         p.requires_grad_(True)
+    return model
+
+
+def _unmerged(base: nn.Module, config: dict, groups: dict, extra: dict) -> nn.Module:
+    """A copy of ``base`` carrying the adapter as a trainable :class:`LoRA` (``load_peft(..., merge=False)``)."""
+    from ..nn.view import ModelView
+    from .lora import LoRA
+
+    patterns = {k: v for k, v in {**(config.get("rank_pattern") or {}), **(config.get("alpha_pattern") or {})}.items()}
+    if config.get("use_dora") or any("lora_magnitude_vector" in g for g in groups.values()) or patterns:
+        raise ValueError(
+            "load_peft(..., merge=False) keeps plain LoRA and rsLoRA adapters with one rank and alpha; this one uses "
+            f"{'DoRA' if config.get('use_dora') else 'rank_pattern / alpha_pattern'}. Load it merged (merge=True)."
+        )
+    view = ModelView(base)
+    targets = []
+    for path in groups:
+        names = [n for n in view.matrix_names() if view.ref(n).module_path == path]
+        if not names:
+            raise ValueError(f"load_peft(..., merge=False): the adapter targets {path!r}, which is not an attention or MLP matrix.")
+        targets += names
+    r = int(config.get("r", next(iter(groups.values()))["lora_A"].shape[0]))
+    method = LoRA(r=r, alpha=float(config.get("lora_alpha", r)), dropout=float(config.get("lora_dropout") or 0.0),
+                  target=targets, rslora=bool(config.get("use_rslora", False)))
+    model = method.apply(copy_module.deepcopy(base))
+    with torch.no_grad():
+        for path, group in groups.items():
+            layer = model.get_submodule(path)
+            A, B = group["lora_A"].float(), group["lora_B"].float()  # (r, in), (out, r)
+            for key, rows in layer.parts.items():
+                layer.lora_A[key].copy_(A.to(layer.lora_A[key].device))
+                layer.lora_B[key].copy_(B[rows].to(layer.lora_B[key].device))
+    if extra:
+        model.load_state_dict(extra, strict=False)
     return model
