@@ -64,3 +64,23 @@ def test_unmerged_refuses_dora(tmp_path):
     with pytest.raises(ValueError, match=r"merge=False\) keeps plain LoRA.*DoRA.*merge=True"):
         fta.load_peft(base, tmp_path / "dora", merge=False)
     fta.load_peft(base, tmp_path / "dora")  # merged, it loads
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ia3_exports_to_peft_exactly(family, tmp_path):
+    """(IA)^3 vectors (random, so every one matters) exported to PEFT's format: PEFT's model computes ours."""
+    from conftest import make_tiny
+
+    base = make_tiny(family)
+    method = fta.methods.IA3()  # k, v and the MLP's down projection (feedforward), as in the paper
+    ours = method.apply(copy.deepcopy(base))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=generator))
+    path = fta.export_peft(ours, tmp_path / "ia3")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+    ids = torch.randint(5, 200, (2, 7), generator=generator)
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours.eval(), ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(theirs.merge_and_unload(), ids), _logits(method.merge(ours), ids), atol=1e-5, rtol=0)

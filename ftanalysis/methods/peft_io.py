@@ -89,12 +89,13 @@ def _dora_magnitude(layer: DoRALayer) -> torch.Tensor:
 
 
 def export_peft(result_or_model, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write a model's LoRA (or DoRA) adapters as a PEFT adapter directory and return its path.
+    """Write a model's LoRA, DoRA or (IA)^3 adapters as a PEFT adapter directory and return its path.
 
     Parameters
     ----------
     result_or_model : FinetuneResult or nn.Module
-        The result of ``fta.finetune(..., method=LoRA(...))`` or a model after ``LoRA(...).apply(model)``.
+        The result of ``fta.finetune(..., method=LoRA(...))`` (or ``DoRA``, ``IA3``) or a model after
+        ``LoRA(...).apply(model)``.
     directory : str or Path
         Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are written into it (an
         existing adapter there is overwritten; an existing *file* at that path is a ``FileExistsError``).
@@ -126,9 +127,15 @@ def export_peft(result_or_model, directory: str | Path, base_model_name_or_path:
     >>> path = fta.export_peft(result, "/tmp/fta_lora_adapter")
     """
     model = _model_of(result_or_model)
+    from .ia3 import IA3Layer
+
+    ia3_layers = {path: m for path, m in model.named_modules() if isinstance(m, IA3Layer)}
+    if ia3_layers:
+        config, tensors = _ia3_adapter(model, ia3_layers, base_model_name_or_path)
+        return _write_adapter(directory, config, tensors)
     layers = {path: m for path, m in model.named_modules() if isinstance(m, LoRALayer)}
     if not layers:
-        raise ValueError("export_peft: the model carries no LoRA layer; apply fta.methods.LoRA (or DoRA) first.")
+        raise ValueError("export_peft: the model carries no LoRA, DoRA or (IA)^3 layer; apply one of those methods first.")
     residual = [path for path, m in layers.items() if m.residual_base]
     if residual:
         raise ValueError(
@@ -172,6 +179,10 @@ def export_peft(result_or_model, directory: str | Path, base_model_name_or_path:
         "modules_to_save": None,
         "layers_to_transform": None,
     }
+    return _write_adapter(directory, config, tensors)
+
+
+def _write_adapter(directory, config: dict, tensors: dict) -> Path:
     directory = _check_directory(directory, "export_peft")
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(
@@ -182,6 +193,35 @@ def export_peft(result_or_model, directory: str | Path, base_model_name_or_path:
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
+
+
+def _ia3_adapter(model: nn.Module, layers: dict, base_model_name_or_path: str | None) -> tuple[dict, dict]:
+    """PEFT's (IA)^3 adapter of a model carrying :class:`~ftanalysis.methods.IA3` layers: ``(config, tensors)``.
+
+    PEFT scales a whole module: ``ia3_l`` is ``(out, 1)`` for an output-scaled module (bias included, as here) and
+    ``(1, in)`` for a feedforward one. Where this package scales only some parts of a fused GPT-2 ``c_attn`` (k and
+    v, not q), the exported vector holds 1 on the other rows: the same function, exactly.
+    """
+    if hasattr(model, "new_parameters") and list(model.new_parameters()):
+        raise ValueError("export_peft: this model has new task-head parameters, which a PEFT (IA)^3 adapter would not carry.")
+    tensors, feedforward = {}, []
+    for path, layer in layers.items():
+        vector = layer.scale().detach().float().cpu()  # (in,) if feedforward, else (out,) with 1 outside the parts
+        tensors[f"{_PREFIX}{path}.ia3_l"] = (vector[None, :] if layer.feedforward else vector[:, None]).contiguous()
+        if layer.feedforward:
+            feedforward.append(path)
+    config = {
+        "peft_type": "IA3",
+        "task_type": "CAUSAL_LM" if hasattr(model, "get_output_embeddings") and hasattr(model, "generate") else None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        "target_modules": sorted(layers),
+        "feedforward_modules": sorted(feedforward),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+        "init_ia3_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    return config, tensors
 
 
 def _pattern_value(patterns: dict, path: str, default):
