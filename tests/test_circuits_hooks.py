@@ -261,3 +261,31 @@ def test_transformer_lens_agrees_on_the_same_random_gpt2(tok, tmp_path):
     expected = tl_patching.get_act_patch_attn_head_out_by_pos(
         bridge, corrupt, clean_cache, lambda logits: (metric(logits).mean() - corrupt_m) / (clean_m - corrupt_m))
     torch.testing.assert_close(activation_patching(model, x, corrupt, metric).effect, expected.float(), atol=1e-4, rtol=0)
+
+
+def test_transformerlens_block_names_are_aliases():
+    """``blocks.{l}.attn.hook_z`` (TransformerLens) and ``layers.{l}.attn.hook_z`` select the same activation."""
+    from ftanalysis.probes.circuits.hooks import run_with_cache, run_with_hooks
+
+    model = make_tiny("llama")
+    ids = torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, ours = run_with_cache(model, ids, names_filter=["layers.1.attn.hook_z", "layers.0.hook_resid_post"])
+    _, theirs = run_with_cache(model, ids, names_filter=["blocks.1.attn.hook_z", "blocks.0.hook_resid_post"])
+    assert sorted(theirs) == sorted(ours) == ["layers.0.hook_resid_post", "layers.1.attn.hook_z"]
+    torch.testing.assert_close(theirs["blocks.1.attn.hook_z"], ours["layers.1.attn.hook_z"], atol=0, rtol=0)
+
+    def zero_head(z, point):
+        z[:, :, 0] = 0
+        return z
+
+    a = run_with_hooks(model, ids, fwd_hooks=[("layers.1.attn.hook_z", zero_head)])
+    b = run_with_hooks(model, ids, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.hook_attn_scores", "blocks.1.mlp.hook_post", "hook_embed", "ln_final.hook_normalized"])
+def test_transformerlens_hooks_without_a_counterpart_say_so(name):
+    from ftanalysis.probes.circuits.hooks import run_with_cache
+
+    with pytest.raises(ValueError, match="is a TransformerLens hook that this package does not provide.*attn.hook_z"):
+        run_with_cache(make_tiny("gpt2"), torch.tensor([[5, 6, 7]]), names_filter=[name])

@@ -71,6 +71,15 @@ SHORT_NAMES: dict[str, str] = {s.split("hook_")[-1]: s for s in SUFFIXES}
 HOOKED_FAMILIES = ("gpt2", "llama")
 ATTENTION_IMPLEMENTATION = "ftanalysis_hooked"
 _NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
+# TransformerLens names its blocks "blocks.{l}"; its per-layer hook names are otherwise the same as ours
+_TL_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# TransformerLens hooks without a counterpart here (named in the error, so a user knows it is not a typo)
+TL_ONLY_SUFFIXES = (
+    "hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_attn_scores", "attn.hook_result", "attn.hook_rot_q",
+    "attn.hook_rot_k", "mlp.hook_pre", "mlp.hook_post", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale",
+    "ln2.hook_normalized",
+)
+TL_ONLY_GLOBAL = ("hook_embed", "hook_pos_embed", "hook_tokens", "ln_final.hook_scale", "ln_final.hook_normalized")
 # the second norm of a block, whose input is hook_resid_mid
 _SECOND_NORM = {"gpt2": "ln_2", "llama": "post_attention_layernorm"}
 
@@ -111,14 +120,32 @@ def hook_names(model_or_view) -> list[str]:
     return [f"layers.{layer}.{suffix}" for layer in range(view.n_layers) for suffix in SUFFIXES]
 
 
+def canonical_name(name: str) -> str:
+    """Our name for a TransformerLens-style hook name: ``"blocks.3.attn.hook_z"`` -> ``"layers.3.attn.hook_z"``."""
+    match = _TL_NAME.match(name) if isinstance(name, str) else None
+    return f"layers.{match.group(1)}.{match.group(2)}" if match else name
+
+
 def parse_name(name: str, view: ModelView) -> HookPoint:
-    """The :class:`HookPoint` of a full hook name (``ValueError`` naming what exists otherwise)."""
+    """The :class:`HookPoint` of a full hook name (``ValueError`` naming what exists otherwise).
+
+    TransformerLens' ``blocks.{l}.`` prefix is accepted as an alias of ``layers.{l}.``; the point's ``name`` is
+    always ours, so caches are keyed by it (and :class:`ActivationCache` accepts either spelling).
+    """
     if not isinstance(name, str):
         raise TypeError(f"Hook names must be str. Got {type(name).__name__} ({name!r}).")
+    name = canonical_name(name)
     match = _NAME.match(name)
     if match is None or match.group(2) not in SUFFIXES:
+        bare = match.group(2) if match else name
+        if bare in TL_ONLY_SUFFIXES or bare in TL_ONLY_GLOBAL:
+            raise ValueError(
+                f"{name!r} is a TransformerLens hook that this package does not provide. Hook names here are "
+                f"'layers.{{l}}.<suffix>' (or TransformerLens' 'blocks.{{l}}.<suffix>') with suffix one of {list(SUFFIXES)}."
+            )
         raise ValueError(
-            f"Unknown hook name {name!r}. Names are 'layers.{{l}}.<suffix>' with suffix one of {list(SUFFIXES)}."
+            f"Unknown hook name {name!r}. Names are 'layers.{{l}}.<suffix>' (or TransformerLens' 'blocks.{{l}}.<suffix>') "
+            f"with suffix one of {list(SUFFIXES)}."
         )
     layer = int(match.group(1))
     if layer >= view.n_layers:
@@ -398,6 +425,7 @@ class ActivationCache(dict):
             if len(key) != 2:
                 raise KeyError(f"Index the cache with a full name or a (component, layer) pair. Got {key!r}.")
             key = act_name(*key)
+        key = canonical_name(key)
         if not dict.__contains__(self, key):
             raise KeyError(f"{key!r} is not in this cache, which holds {sorted(self)}. Select it with 'names_filter'.")
         return dict.__getitem__(self, key)
