@@ -55,7 +55,10 @@ def manual_gpt2(model, x):
         attn_out = z.reshape(*z.shape[:2], -1) @ view.get(f"layers.{layer}.attn.o").T + block.attn.c_proj.bias
         mid = resid + attn_out
         mlp_out = block.mlp(block.ln_2(mid))
+        post = block.mlp.act(block.mlp.c_fc(block.ln_2(mid)))  # neuron activations [batch, pos, d_mlp]
+        masked = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)  # the eager mask is additive
         out.update({f"layers.{layer}.attn.hook_q": q, f"layers.{layer}.attn.hook_k": k, f"layers.{layer}.attn.hook_v": v,
+                    f"layers.{layer}.attn.hook_attn_scores": masked, f"layers.{layer}.mlp.hook_post": post,
                     f"layers.{layer}.attn.hook_pattern": pattern, f"layers.{layer}.attn.hook_z": z,
                     f"layers.{layer}.hook_attn_out": attn_out, f"layers.{layer}.hook_resid_mid": mid,
                     f"layers.{layer}.hook_mlp_out": mlp_out, f"layers.{layer}.hook_resid_post": mid + mlp_out})
@@ -93,7 +96,11 @@ def manual_llama(model, x):
         attn_out = z.reshape(*x.shape, -1) @ view.get(f"layers.{layer}.attn.o").T
         mid = resid + attn_out
         mlp_out = block.mlp(block.post_attention_layernorm(mid))
+        normed2 = block.post_attention_layernorm(mid)
+        post = block.mlp.act_fn(block.mlp.gate_proj(normed2)) * block.mlp.up_proj(normed2)
+        masked = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         out.update({f"layers.{layer}.attn.hook_q": q, f"layers.{layer}.attn.hook_k": k, f"layers.{layer}.attn.hook_v": v,
+                    f"layers.{layer}.attn.hook_attn_scores": masked, f"layers.{layer}.mlp.hook_post": post,
                     f"layers.{layer}.attn.hook_pattern": pattern, f"layers.{layer}.attn.hook_z": z,
                     f"layers.{layer}.hook_attn_out": attn_out, f"layers.{layer}.hook_resid_mid": mid,
                     f"layers.{layer}.hook_mlp_out": mlp_out, f"layers.{layer}.hook_resid_post": mid + mlp_out})
@@ -283,9 +290,64 @@ def test_transformerlens_block_names_are_aliases():
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["blocks.0.attn.hook_attn_scores", "blocks.1.mlp.hook_post", "hook_embed", "ln_final.hook_normalized"])
+@pytest.mark.parametrize("name", ["blocks.0.attn.hook_result", "blocks.1.mlp.hook_pre", "hook_embed", "ln_final.hook_normalized"])
 def test_transformerlens_hooks_without_a_counterpart_say_so(name):
     from ftanalysis.probes.circuits.hooks import run_with_cache
 
     with pytest.raises(ValueError, match="is a TransformerLens hook that this package does not provide.*attn.hook_z"):
         run_with_cache(make_tiny("gpt2"), torch.tensor([[5, 6, 7]]), names_filter=[name])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_neuron_activations_are_the_down_projection_input(family):
+    """``mlp.hook_post`` reads what the down projection receives, and zeroing neurons there equals zeroing the
+    matching input columns of the down projection's weight."""
+    model = make_tiny(family)
+    view = ModelView(model)
+    x = ids()
+    seen = []
+    down = view.wrapper("layers.1.mlp.down")
+    handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    _, cache = run_with_cache(model, x, names_filter=["layers.1.mlp.hook_post"])
+    handle.remove()
+    torch.testing.assert_close(cache["layers.1.mlp.hook_post"], seen[0], atol=0, rtol=0)
+    assert cache["layers.1.mlp.hook_post"].shape[-1] == view.get("layers.1.mlp.down").shape[1]  # d_mlp
+
+    neurons = [0, 3, 5]
+
+    def zero(post, point):
+        post[..., neurons] = 0
+        return post
+
+    hooked = run_with_hooks(model, x, fwd_hooks=[("layers.1.mlp.hook_post", zero)])
+    edited = copy.deepcopy(model)
+    edited_view = ModelView(edited)
+    W = edited_view.get("layers.1.mlp.down")  # (out, in): input columns are neurons
+    W[:, neurons] = 0
+    edited_view.set("layers.1.mlp.down", W)
+    with torch.no_grad():
+        torch.testing.assert_close(hooked, edited(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_scores_softmax_to_the_pattern_and_can_be_patched(family):
+    model = make_tiny(family)
+    x = ids()
+    _, cache = run_with_cache(model, x, names_filter=["layers.0.attn.hook_attn_scores", "layers.0.attn.hook_pattern"])
+    scores, pattern = cache["layers.0.attn.hook_attn_scores"], cache["layers.0.attn.hook_pattern"]
+    assert (scores[0, 0, 0, 1:] == torch.finfo(scores.dtype).min).all()  # masked: the most negative float (TL: -inf)
+    torch.testing.assert_close(torch.softmax(scores, dim=-1), pattern, atol=1e-6, rtol=0)
+
+    def uniform_scores(s, point):  # equal scores -> a uniform pattern over the visible positions
+        return torch.where(s == torch.finfo(s.dtype).min, s, torch.zeros_like(s))
+
+    def uniform_pattern(p, point):
+        visible = torch.ones_like(p).tril()
+        return visible / visible.sum(-1, keepdim=True)
+
+    a = run_with_hooks(model, x, fwd_hooks=[("layers.0.attn.hook_attn_scores", uniform_scores)])
+    b = run_with_hooks(model, x, fwd_hooks=[("layers.0.attn.hook_pattern", uniform_pattern)])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    from ftanalysis.probes.circuits.hooks import _SCORE_HOOKS
+
+    assert len(_SCORE_HOOKS) == 0  # removed on exit

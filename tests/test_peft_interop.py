@@ -224,7 +224,7 @@ def test_load_peft_bad_input(tmp_path):
 
 
 def test_export_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="no LoRA, DoRA or \(IA\)\^3 layer"):
+    with pytest.raises(ValueError, match=r"no LoRA, DoRA or \(IA\)\^3 layer"):
         fta.export_peft(make_tiny("gpt2"), tmp_path)
     with pytest.raises(TypeError, match="FinetuneResult"):
         fta.export_peft("model", tmp_path)

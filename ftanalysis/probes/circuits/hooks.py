@@ -16,12 +16,17 @@ name                               shape                            where it is 
 ``layers.{l}.attn.hook_k``         ``[batch, pos, kv_head, d_head]`` key projection (before RoPE)
 ``layers.{l}.attn.hook_v``         ``[batch, pos, kv_head, d_head]`` value projection
 ``layers.{l}.attn.hook_z``         ``[batch, pos, head, d_head]``   input of the output projection
+``layers.{l}.attn.hook_attn_scores`` ``[batch, head, q_pos, k_pos]`` scaled scores before the softmax;
+                                                                    masked entries hold the dtype's most
+                                                                    negative value (TransformerLens: -inf)
 ``layers.{l}.attn.hook_pattern``   ``[batch, head, q_pos, k_pos]``  softmax of the attention scores
+``layers.{l}.mlp.hook_post``       ``[batch, pos, d_mlp]``          neuron activations: the input of the MLP's
+                                                                    down projection (``act(gate) * up`` in Llama)
 =================================  ===============================  ==========================================
 
 ``hook_z`` is TransformerLens' ``hook_z``: the per-head mix of values, i.e. the input of ``o_proj`` (GPT-2's
 ``attn.c_proj``) split into heads with ``einops``. Hugging Face's default ``sdpa`` attention never forms the
-pattern, so while a pattern hook is active the model runs a registered eager attention function
+pattern, so while a pattern or score hook is active the model runs a registered eager attention function
 (``"ftanalysis_hooked"``) that computes it, passes it through the hooks and uses what they return; the
 model's attention implementation is restored on exit.
 
@@ -64,7 +69,9 @@ SUFFIXES: dict[str, str] = {
     "attn.hook_k": "batch pos kv_head d_head",
     "attn.hook_v": "batch pos kv_head d_head",
     "attn.hook_z": "batch pos head d_head",
+    "attn.hook_attn_scores": "batch head q_pos k_pos",
     "attn.hook_pattern": "batch head q_pos k_pos",
+    "mlp.hook_post": "batch pos d_mlp",
 }
 # short names accepted by ``cache[short, layer]`` and by the patching functions' ``component``
 SHORT_NAMES: dict[str, str] = {s.split("hook_")[-1]: s for s in SUFFIXES}
@@ -75,8 +82,8 @@ _NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # TransformerLens hooks without a counterpart here (named in the error, so a user knows it is not a typo)
 TL_ONLY_SUFFIXES = (
-    "hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_attn_scores", "attn.hook_result", "attn.hook_rot_q",
-    "attn.hook_rot_k", "mlp.hook_pre", "mlp.hook_post", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale",
+    "hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result", "attn.hook_rot_q",
+    "attn.hook_rot_k", "mlp.hook_pre", "mlp.hook_pre_linear", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale",
     "ln2.hook_normalized",
 )
 TL_ONLY_GLOBAL = ("hook_embed", "hook_pos_embed", "hook_tokens", "ln_final.hook_scale", "ln_final.hook_normalized")
@@ -209,6 +216,7 @@ def _with_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention patterns: an eager attention function that exposes the pattern to hooks.
 _PATTERN_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list[Callable]]" = weakref.WeakKeyDictionary()
+_SCORE_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list[Callable]]" = weakref.WeakKeyDictionary()
 
 
 def _hooked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -228,6 +236,8 @@ def _hooked_attention(module, query, key, value, attention_mask, scaling=None, d
         q_len, k_len = query.shape[-2], key.shape[-2]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         scores = scores.masked_fill(~causal, float("-inf"))
+    for hook in _SCORE_HOOKS.get(module, ()):
+        scores = hook(scores)
     pattern = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # [batch, head, q_pos, k_pos]
     for hook in _PATTERN_HOOKS.get(module, ()):
         pattern = hook(pattern)
@@ -253,7 +263,7 @@ class _Installer:
     def __init__(self, view: ModelView):
         self.view = view
         self.handles: list = []
-        self.pattern_entries: list[tuple[nn.Module, Callable]] = []
+        self.pattern_entries: list[tuple[weakref.WeakKeyDictionary, nn.Module, Callable]] = []
 
     def add(self, point: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
         """Install ``fn(canonical activation) -> replacement or None`` at ``point``."""
@@ -269,11 +279,12 @@ class _Installer:
                 raise ValueError(f"A hook on {point.name!r} returned {got}; it must return None or a tensor of shape {tuple(value.shape)}.")
             return new.contiguous()  # an expanded or transposed tensor would break the modules' .view calls
 
-        if suffix in ("hook_resid_pre", "hook_resid_mid", "attn.hook_z"):
+        if suffix in ("hook_resid_pre", "hook_resid_mid", "attn.hook_z", "mlp.hook_post"):
             module = {
                 "hook_resid_pre": block,
                 "hook_resid_mid": block.get_submodule(_SECOND_NORM[family]) if family in _SECOND_NORM else None,
                 "attn.hook_z": view.wrapper(f"layers.{layer}.attn.o"),
+                "mlp.hook_post": view.wrapper(f"layers.{layer}.mlp.down"),
             }[suffix]
             heads = suffix == "attn.hook_z"
 
@@ -312,14 +323,15 @@ class _Installer:
                 return torch.cat([output[..., : rows.start], flat, output[..., rows.stop :]], dim=-1)
 
             self.handles.append(module.register_forward_hook(qkv_hook))
-        elif suffix == "attn.hook_pattern":
+        elif suffix in ("attn.hook_pattern", "attn.hook_attn_scores"):
 
             def pattern_hook(pattern: torch.Tensor) -> torch.Tensor:
                 new = checked(pattern, fn(pattern))
                 return pattern if new is None else new
 
-            _PATTERN_HOOKS.setdefault(attn, []).append(pattern_hook)
-            self.pattern_entries.append((attn, pattern_hook))
+            registry = _PATTERN_HOOKS if suffix == "attn.hook_pattern" else _SCORE_HOOKS
+            registry.setdefault(attn, []).append(pattern_hook)
+            self.pattern_entries.append((registry, attn, pattern_hook))
         else:  # pragma: no cover - SUFFIXES and this function are kept in step
             raise AssertionError(suffix)
 
@@ -327,12 +339,12 @@ class _Installer:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for module, hook in self.pattern_entries:
-            entries = _PATTERN_HOOKS.get(module, [])
+        for registry, module, hook in self.pattern_entries:
+            entries = registry.get(module, [])
             if hook in entries:
                 entries.remove(hook)
-            if not entries and module in _PATTERN_HOOKS:
-                del _PATTERN_HOOKS[module]
+            if not entries and module in registry:
+                del registry[module]
         self.pattern_entries.clear()
 
 
@@ -390,7 +402,7 @@ def hooks(
 
     config = view.config
     previous_implementation = getattr(config, "_attn_implementation", None)
-    switch = any(p.suffix == "attn.hook_pattern" for p, _ in points)
+    switch = any(p.suffix in ("attn.hook_pattern", "attn.hook_attn_scores") for p, _ in points)
     try:
         if switch:
             _register_attention()
@@ -409,7 +421,7 @@ def _cache_fn(cache: dict, point: HookPoint, positions, detach: bool) -> Callabl
         kept = value
         if positions is not None:
             index = positions if isinstance(positions, slice) else torch.as_tensor(positions, device=value.device)
-            axis = 2 if point.suffix == "attn.hook_pattern" else 1  # q_pos for patterns, pos otherwise
+            axis = 2 if point.suffix in ("attn.hook_pattern", "attn.hook_attn_scores") else 1  # q_pos for patterns
             kept = value[(slice(None),) * axis + (index,)]
         cache[point.name] = kept.detach() if detach else kept
         return None
