@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -194,23 +193,10 @@ class FinetuneResult:
         ``directory`` and renamed into place, so an interrupted save leaves nothing half-written; an existing
         non-empty ``directory`` is a ``FileExistsError`` unless ``overwrite``.
         """
-        directory = Path(directory)
-        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-            raise FileExistsError(f"{directory} exists and is not empty: pass overwrite=True to replace it, or choose another folder.")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            self.merged_model().save_pretrained(tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            (tmp / "card.json").write_text(json.dumps(self.card(), indent=2) + "\n")
-            if directory.exists():
-                shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        from ._atomic import write_model_folder
+
+        return write_model_folder(directory, self.merged_model(), self.tokenizer, {"card.json": json.dumps(self.card(), indent=2) + "\n"},
+                                  overwrite, "pass overwrite=True to replace it, or choose another folder.")
 
     def card(self) -> dict:
         """The run as JSON-ready data: method, task, settings, history and the loss of every step."""

@@ -37,11 +37,10 @@ import argparse
 import ast
 import dataclasses
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from .._atomic import check_writable_folder, write_model_folder
 
 USAGE = "ftanalysis merge (--method NAME BASE FT [FT ...] | --config FILE.yaml) --out DIR [--weights W ...] [--set NAME=VALUE ...]"
 
@@ -177,29 +176,21 @@ def read_config(path: str | Path) -> tuple[str, str, list[str], list[float] | No
     return method, str(config["base_model"]), models, (weights if any(w != 1.0 for w in weights) else None), options
 
 
+_OUT_HINT = "choose another --out or pass --force to replace it."
+
+
 def check_out(out: Path, force: bool) -> None:
     """Refuse an existing non-empty ``out`` unless ``force``."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise MergeCommandError(f"{out} exists and is not empty: choose another --out or pass --force to replace it.")
+    try:
+        check_writable_folder(out, force, _OUT_HINT)
+    except FileExistsError as err:
+        raise MergeCommandError(str(err)) from err
 
 
 def write_merged(model, tok, out: Path, record: dict, force: bool = False) -> Path:
     """Save ``model``, ``tok`` and ``merge.json`` into ``out`` atomically (temporary folder, then rename)."""
-    out = Path(out)
-    check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    check_out(Path(out), force)
+    return write_model_folder(out, model, tok, {"merge.json": json.dumps(record, indent=2) + "\n"}, True, _OUT_HINT)
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -30,18 +30,15 @@ USAGE = "ftanalysis compare BASE [FT] [--peft ADAPTER] [--task NAME] --out DIR [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .spectral_cli import add_comparison_arguments
+
     parser = argparse.ArgumentParser(
         prog="ftanalysis compare",
         description="One self-contained HTML report of what changed between a base and a fine-tune (or a PEFT adapter).",
     )
-    parser.add_argument("base", help="pretrained checkpoint: a zoo name, a checkpoint folder or a hub id")
-    parser.add_argument("ft", nargs="?", help="fine-tuned checkpoint of the same architecture (omit with --peft)")
-    parser.add_argument("--peft", metavar="ADAPTER", help="a PEFT LoRA adapter folder, merged into BASE")
+    add_comparison_arguments(parser, out_help="folder for report.html and report.csv")
     parser.add_argument("--task", metavar="NAME", help="a task of fta.tasks.available(): accuracy and retention, base vs fine-tune")
     parser.add_argument("--n", type=int, default=256, help="test examples per task (default 256)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for report.html and report.csv")
-    parser.add_argument("--k", type=int, default=10, help="top singular vectors tested per matrix (default 10)")
-    parser.add_argument("--eps", type=float, default=0.5, help="cosine threshold in (0, 1] (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

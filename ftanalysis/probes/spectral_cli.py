@@ -15,17 +15,22 @@ from pathlib import Path
 USAGE = "ftanalysis spectral BASE [FT] [--peft ADAPTER] --out DIR [--k 10] [--eps 0.5] [--side left] [--modules ...]"
 
 
+def add_comparison_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The arguments every base-vs-fine-tune command shares: BASE, FT or --peft, --out, --k and --eps."""
+    parser.add_argument("base", help="pretrained checkpoint: a zoo name (gpt2-tiny, llama-tiny, minilm, ...), a Hugging Face folder, one of ours, or a .safetensors file")
+    parser.add_argument("ft", nargs="?", help="fine-tuned checkpoint of the same architecture (omit with --peft)")
+    parser.add_argument("--peft", metavar="ADAPTER", help="a PEFT LoRA adapter folder, merged into BASE")
+    parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
+    parser.add_argument("--k", type=int, default=10, help="top singular vectors tested per matrix (default 10)")
+    parser.add_argument("--eps", type=float, default=0.5, help="cosine threshold in (0, 1] (default 0.5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftanalysis spectral",
         description="Intruder dimensions and update spectra of a fine-tune, matrix by matrix (streams safetensors).",
     )
-    parser.add_argument("base", help="pretrained checkpoint: a zoo name (gpt2-tiny, llama-tiny, minilm, ...), a Hugging Face folder, one of ours, or a .safetensors file")
-    parser.add_argument("ft", nargs="?", help="fine-tuned checkpoint of the same architecture (omit with --peft)")
-    parser.add_argument("--peft", metavar="ADAPTER", help="a PEFT LoRA adapter folder, merged into BASE")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the CSV tables and the figures")
-    parser.add_argument("--k", type=int, default=10, help="top singular vectors tested per matrix (default 10)")
-    parser.add_argument("--eps", type=float, default=0.5, help="cosine threshold in (0, 1] (default 0.5)")
+    add_comparison_arguments(parser, out_help="folder for the CSV tables and the figures")
     parser.add_argument("--side", choices=["left", "right"], default="left", help="singular vectors compared (default left)")
     parser.add_argument("--modules", nargs="+", help="kinds (attn.q, mlp), names or regular expressions (default: all)")
     parser.add_argument("--cache", metavar="DIR", help="keep the base's SVDs on disk here, for later runs against the same base")
