@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from ftanalysis.cli import main
 
@@ -49,11 +50,14 @@ def test_demo_runs_small_and_writes_table_and_figure(tmp_path):
     assert table["trainable params"].iloc[1] < table["trainable params"].iloc[0]
 
 
-def test_top_level_help_does_not_import_torch():
-    """``import ftanalysis`` is lazy (PEP 562): ``ftanalysis --help`` answers without loading torch or transformers."""
-    code = ("import sys; from ftanalysis.cli import main; main(['--help']); "
+@pytest.mark.parametrize("command", [[], ["spectral"], ["compare"], ["merge"], ["zoo"], ["labs"], ["tasks"]])
+def test_help_does_not_import_torch(command):
+    """``import ftanalysis`` and its subpackages are lazy (PEP 562): ``ftanalysis [command] --help`` answers without
+    loading torch or transformers."""
+    code = (f"import sys\nfrom ftanalysis.cli import main\ntry:\n    main({command + ['--help']!r})\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "usage:" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 

@@ -289,6 +289,10 @@ def test_registry_and_merge_shortcut():
     with pytest.raises(ValueError, match="Unknown merging rule"):
         fta.merging.get("nope")
     assert "TIES(k=0.2" in repr(TIES())
+    # the table the lazy package lists without importing agrees with the classes' own names
+    assert fta.merging.rule_names() == sorted(names)
+    for name, class_name in fta.merging.BUILTIN_RULES.items():
+        assert getattr(fta.merging, class_name).name == name
 
 
 def test_merge_returns_new_model_and_leaves_inputs_untouched():

@@ -13,44 +13,78 @@ merged first) and ``rule.merge_vectors(task_vectors)`` works on updates.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
-from .arithmetic import TaskArithmetic
-from .base import MergeRule
-from .breadcrumbs import Breadcrumbs, breadcrumbs_mask, breadcrumbs_sparsify
-from .dare import DARE, drop_and_rescale
-from .generalized import PRESETS, GeneralizedMerge
-from .lines import LiNeS, lines_factors, multitask_alpha
-from .model_stock import ModelStock, stock_ratio
-from .soups import GreedySoup, GreedySoupResult, UniformSoup
-from .task_vector import TaskVector, check_compatible, materialize, sign_conflicts, task_vectors
-from .ties import TIES, disjoint_mean, elect_sign, trim
-from .wise_ft import WiSEFT
+# Names are imported on first use (PEP 562), so ``ftanalysis merge --help`` does not pay for torch.
+_NAMES = {
+    "TaskArithmetic": ".arithmetic", "MergeRule": ".base",
+    "Breadcrumbs": ".breadcrumbs", "breadcrumbs_mask": ".breadcrumbs", "breadcrumbs_sparsify": ".breadcrumbs",
+    "DARE": ".dare", "drop_and_rescale": ".dare",
+    "PRESETS": ".generalized", "GeneralizedMerge": ".generalized",
+    "LiNeS": ".lines", "lines_factors": ".lines", "multitask_alpha": ".lines",
+    "ModelStock": ".model_stock", "stock_ratio": ".model_stock",
+    "GreedySoup": ".soups", "GreedySoupResult": ".soups", "UniformSoup": ".soups",
+    "TaskVector": ".task_vector", "check_compatible": ".task_vector", "materialize": ".task_vector",
+    "sign_conflicts": ".task_vector", "task_vectors": ".task_vector",
+    "TIES": ".ties", "disjoint_mean": ".ties", "elect_sign": ".ties", "trim": ".ties",
+    "WiSEFT": ".wise_ft",
+}
 
-_REGISTRY: dict[str, type[MergeRule]] = {}
+# The shipped rules: registry name -> class name (each class's ``name`` attribute; a test checks they agree).
+BUILTIN_RULES = {
+    "breadcrumbs": "Breadcrumbs", "dare": "DARE", "generalized": "GeneralizedMerge", "greedy_soup": "GreedySoup",
+    "lines": "LiNeS", "model_stock": "ModelStock", "task_arithmetic": "TaskArithmetic", "ties": "TIES",
+    "uniform_soup": "UniformSoup", "wise_ft": "WiSEFT",
+}
+
+_REGISTRY: dict = {}
 
 
-def register(cls: type[MergeRule]) -> type[MergeRule]:
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _registry() -> dict:
+    """The registry, with the shipped rules imported on first use."""
+    for rule_name, class_name in BUILTIN_RULES.items():
+        if rule_name not in _REGISTRY:
+            _REGISTRY[rule_name] = globals().get(class_name) or __getattr__(class_name)
+    return _REGISTRY
+
+
+def rule_names() -> list[str]:
+    """The registered rules' names, without importing them (what ``ftanalysis merge --help`` lists)."""
+    return sorted(set(BUILTIN_RULES) | set(_REGISTRY))
+
+
+def register(cls):
     """Add a rule class to the registry under ``cls.name`` (its paper URL is ``cls.paper``)."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+    registry = _registry()
+    if cls.name in registry and registry[cls.name] is not cls:
         raise ValueError(f"A merging rule named {cls.name!r} is already registered.")
-    _REGISTRY[cls.name] = cls
+    registry[cls.name] = cls
     return cls
-
-
-for _cls in (TaskArithmetic, UniformSoup, GreedySoup, WiSEFT, TIES, DARE, Breadcrumbs, LiNeS, ModelStock, GeneralizedMerge):
-    register(_cls)
 
 
 def available() -> dict[str, str]:
     """``{name: paper URL}`` of every registered merging rule."""
-    return {name: cls.paper for name, cls in sorted(_REGISTRY.items())}
+    return {name: cls.paper for name, cls in sorted(_registry().items())}
 
 
-def get(name: str) -> type[MergeRule]:
+def get(name: str):
     """The rule class registered under ``name``."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"Unknown merging rule {name!r}. Available: {sorted(_REGISTRY)}.")
-    return _REGISTRY[name]
+    registry = _registry()
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"Unknown merging rule {name!r}. Available: {sorted(registry)}.")
+    return registry[name]
 
 
 def merge(name: str, base, models, weights=None, **options):
@@ -67,5 +101,5 @@ __all__ = [
     "DARE", "PRESETS", "TIES", "Breadcrumbs", "GeneralizedMerge", "GreedySoup", "GreedySoupResult", "LiNeS", "MergeRule",
     "ModelStock", "TaskArithmetic", "TaskVector", "UniformSoup", "WiSEFT", "available", "breadcrumbs_mask",
     "breadcrumbs_sparsify", "check_compatible", "disjoint_mean", "drop_and_rescale", "elect_sign", "get", "lines_factors",
-    "materialize", "merge", "multitask_alpha", "register", "sign_conflicts", "stock_ratio", "task_vectors", "trim",
+    "materialize", "merge", "multitask_alpha", "register", "rule_names", "sign_conflicts", "stock_ratio", "task_vectors", "trim",
 ]

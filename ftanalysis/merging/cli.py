@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rules() -> list[str]:
-    from . import available
+    from . import rule_names
 
-    return sorted(available())
+    return rule_names()
 
 
 def _literal(text: str):
