@@ -86,22 +86,6 @@ def first_layers(model, n: int | None):
     return model
 
 
-def save_plain(model, folder: Path) -> None:
-    """``model.save_pretrained(folder)`` for a SmolLM2 model loaded from the zoo's cache folder.
-
-    That folder's ``config.json`` still carries the GGUF file's ``quantization_config`` (``convert_gguf`` builds
-    the plain model from the GGUF model's config), so transformers attaches a ``GgufHfQuantizer`` to every model
-    loaded from it (``is_quantized`` True) and ``save_pretrained`` refuses it, although the weights are plain
-    float32. The quantizer and the config entry are dropped here; the weights are saved as they are.
-    """
-    model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    model.save_pretrained(folder)
-
-
 def write_pair(root: Path, finetunes: str, adapters: list[str] | None, seed: int, layers: int | None = None) -> dict:
     """Base and two fine-tunes of SmolLM2 as Hugging Face folders; returns their paths and how they were made."""
     import torch
@@ -111,7 +95,7 @@ def write_pair(root: Path, finetunes: str, adapters: list[str] | None, seed: int
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars
     base, _ = fta.zoo.load(MODEL)
-    save_plain(first_layers(copy.deepcopy(base), layers), root / "base")
+    first_layers(copy.deepcopy(base), layers).save_pretrained(root / "base")
     paths, made = {"base": root / "base"}, {}
     if finetunes == "auto":
         finetunes = "adapters" if len(adapters or available_adapters()) >= 2 else "synthetic"
@@ -120,7 +104,7 @@ def write_pair(root: Path, finetunes: str, adapters: list[str] | None, seed: int
         if len(names) < 2:
             raise SystemExit(f"--finetunes adapters needs two adapters in {FINETUNED}; found {available_adapters()}")
         for key, name in zip(("ft1", "ft2"), names):
-            save_plain(first_layers(fta.load_peft(base, FINETUNED / name), layers), root / key)
+            first_layers(fta.load_peft(base, FINETUNED / name), layers).save_pretrained(root / key)
             paths[key], made[key] = root / key, f"adapter {name} merged (fta.load_peft)"
     else:  # W1 = W0 + B A, rank 8, scaled to ||BA||_2 = 0.3 ||W0||_2, in every attention / MLP matrix
         for i, key in enumerate(("ft1", "ft2")):
@@ -134,7 +118,7 @@ def write_pair(root: Path, finetunes: str, adapters: list[str] | None, seed: int
                         A = torch.randn(8, W.shape[1], generator=g) / W.shape[1] ** 0.5
                         dW = B @ A
                         W += 0.3 * torch.linalg.matrix_norm(W, ord=2) / torch.linalg.matrix_norm(dW, ord=2) * dW
-            save_plain(first_layers(ft, layers), root / key)
+            first_layers(ft, layers).save_pretrained(root / key)
             paths[key], made[key] = root / key, "synthetic rank-8 update per matrix, ||dW||_2 = 0.3 ||W0||_2"
             del ft
     del base

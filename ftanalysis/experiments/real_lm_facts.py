@@ -126,7 +126,7 @@ def make_finetune(recipe: FactsRecipe, out: Path, progress: bool = True) -> Path
         "torch": torch.__version__,
         "train_loss_last": round(float(result.history["train_loss"].iloc[-1]), 4),
         "evaluation": {"base": evaluate(model, tok, retention), "finetuned": evaluate(merged, tok, retention)},
-        "rebuild": f"python -m ftanalysis.experiments.real_lm_facts --recipes {recipe.name} --out {out}",
+        "rebuild": f"python -m ftanalysis.experiments.real_lm_facts --recipes {recipe.name} --out {_shown(out)}",
     }
     (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
     if folder.exists():
@@ -135,6 +135,11 @@ def make_finetune(recipe: FactsRecipe, out: Path, progress: bool = True) -> Path
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def _shown(out: Path) -> str:
+    """``out`` as the rebuild command should show it: ``data/finetuned`` for the checkout's own folder."""
+    return "data/finetuned" if Path(out).resolve() == SHIPPED_DIR else str(out)
 
 
 def load_finetuned(name: str, base=None, root: str | Path | None = None):
