@@ -74,6 +74,20 @@ def training_code_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def run_description(base_name: str, model, task, method, kwargs: dict) -> dict[str, str]:
+    """What determines a fine-tune's result, as text: the base (label and weight fingerprint), task, method and
+    ``finetune``'s arguments (``progress`` left out)."""
+    return {
+        "base": base_name, "weights": weights_fingerprint(model), "task": repr(task), "method": repr(method),
+        **{k: repr(v) for k, v in sorted(kwargs.items()) if k != "progress"},
+    }
+
+
+def run_label(base_name: str, task, method, kwargs: dict) -> str:
+    """A short name of a run for log lines."""
+    return f"{base_name} | {getattr(task, 'name', type(task).__name__)} | {type(method).__name__} | seed={kwargs.get('seed')}"
+
+
 def cached_finetune(base_name: str, model, tok, task, method, **kwargs):
     """``(merged_model, history)`` of ``finetune(model, tok, task, method, **kwargs)``, from the cache if there.
 
@@ -86,16 +100,12 @@ def cached_finetune(base_name: str, model, tok, task, method, **kwargs):
 
     kwargs.setdefault("progress", False)
     key_text = json.dumps(
-        {
-            "base": base_name, "weights": weights_fingerprint(model), "task": repr(task), "method": repr(method),
-            **{k: repr(v) for k, v in sorted(kwargs.items()) if k != "progress"},
-            "ftanalysis": __version__, "code": training_code_digest(),
-        },
+        {**run_description(base_name, model, task, method, kwargs), "ftanalysis": __version__, "code": training_code_digest()},
         sort_keys=True,
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
     folder = cache_dir() / key
-    label = f"{base_name} | {getattr(task, 'name', type(task).__name__)} | {type(method).__name__} | seed={kwargs.get('seed')}"
+    label = run_label(base_name, task, method, kwargs)
     if cache_enabled() and (folder / "model.safetensors").is_file():
         merged = copy.deepcopy(model)
         missing, unexpected = merged.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
