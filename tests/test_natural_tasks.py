@@ -251,6 +251,45 @@ def test_candidate_logits_handle_right_padding(smollm2):
         torch.testing.assert_close(row, alone, atol=1e-3, rtol=1e-4)  # padding changes reduction order only
 
 
+def test_scores_from_the_kept_positions_equal_the_full_logits(smollm2):
+    """``evaluate`` runs the output layer only on the positions that predict answer tokens (``logits_to_keep``);
+    a model without that argument gets the full logits sliced, and an independent full pass gives the same."""
+    from ftanalysis.tasks.base import answer_loss, collate
+    from ftanalysis.tasks.natural import score_with_candidates
+
+    model, tok = smollm2
+    task = fta.tasks.make("digit_arithmetic", op="+")  # multi-token answers of different lengths
+    examples = task.examples(12)
+
+    class NoKeep(torch.nn.Module):  # the same model, without logits_to_keep in its signature
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    kept, _ = score_with_candidates(model, tok, examples, None, batch_size=5)
+    full, _ = score_with_candidates(NoKeep(model), tok, examples, None, batch_size=5)
+    batch = collate(examples, tok)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    right = (logits[:, :-1].argmax(-1) == labels) & (labels != -100)
+    reference_accuracy = float(((right.sum(1) == (labels != -100).sum(1))).float().mean())
+    reference_loss = float(answer_loss(logits, batch["labels"]))
+    for scores in (kept, full):
+        assert scores["accuracy"] == pytest.approx(reference_accuracy)
+        assert scores["loss"] == pytest.approx(reference_loss, rel=1e-5)
+    ioi = fta.tasks.make("ioi")
+    ioi_examples = ioi.examples(10)
+    candidates = [ioi.candidates(ex) for ex in ioi_examples]
+    _, with_keep = score_with_candidates(model, tok, ioi_examples, candidates, batch_size=4)
+    _, without = score_with_candidates(NoKeep(model), tok, ioi_examples, candidates, batch_size=4)
+    torch.testing.assert_close(with_keep, without, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(with_keep, candidate_logits(model, tok, [ex.prompt for ex in ioi_examples], candidates), atol=1e-3, rtol=1e-4)
+
+
 def test_ioi_on_smollm2(smollm2):
     model, tok = smollm2
     scores = fta.tasks.make("ioi").evaluate(model, tok, n=32)
