@@ -70,3 +70,19 @@ def test_lazy_package_attributes():
 
     with pytest.raises(AttributeError, match="has no attribute 'finetunes'"):
         _ = fta.finetunes
+
+
+def test_lazy_subpackages_give_names_and_submodules():
+    """``fta.probes`` and ``fta.merging`` import on first use, and still give what the eager packages gave: public
+    names, submodules as attributes, and ``calibration`` the function even after its submodule was imported."""
+    code = (
+        "import types, ftanalysis as fta, ftanalysis.probes.calibration as m\n"
+        "assert isinstance(m, types.FunctionType) and fta.probes.calibration is m\n"
+        "from ftanalysis.probes.calibration import expected_calibration_error\n"
+        "assert fta.probes.calibration.__name__ == 'calibration' and callable(fta.probes.calibration)\n"
+        "assert fta.probes.spectral.__name__ == 'ftanalysis.probes.spectral' and fta.merging.ties.__name__ == 'ftanalysis.merging.ties'\n"
+        "assert fta.merging.TIES is fta.merging.ties.TIES and fta.probes.graft is fta.probes.localization.graft\n"
+        "try:\n    fta.merging.nope\nexcept AttributeError:\n    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 
 # Names are imported on first use (PEP 562), so ``ftanalysis merge --help`` does not pay for torch.
 _NAMES = {
@@ -41,9 +42,12 @@ _REGISTRY: dict = {}
 
 
 def __getattr__(name: str):
-    if name not in _NAMES:
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name], __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: fta.merging.ties, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_NAMES[name], __name__), name)
     globals()[name] = value
     return value
 

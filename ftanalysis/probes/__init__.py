@@ -11,6 +11,9 @@ Probes never modify the models they are given.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+import types
 
 # Submodules and names are imported on first use (PEP 562), so the command line's ``--help`` does not pay for
 # torch. Each probe module adds its public names to this table.
@@ -20,7 +23,17 @@ _NAMES = {
         ".calibration",
     ),
     **dict.fromkeys(
-        ["Circuit", "activation_patching", "attribution_patching", "cmap", "dcm", "evaluate_circuit", "path_patching"],
+        [
+            "Circuit",
+            "activation_patching",
+            "attribution_patching",
+            "cmap",
+            "dcm",
+            "direct_logit_attribution",
+            "evaluate_circuit",
+            "ioi_batch",
+            "path_patching",
+        ],
         ".circuits",
     ),
     **dict.fromkeys(["TuCoResult", "decomposition_hooks", "steer", "tuco"], ".contribution"),
@@ -93,26 +106,27 @@ _NAMES = {
         ".spectral",
     ),
 }
-_SUBMODULES = (
-    "calibration",
-    "circuits",
-    "contribution",
-    "forgetting",
-    "language_retention",
-    "localization",
-    "similarity",
-    "spectral",
-    "spectral_plots",
-)
-
 __all__ = sorted(_NAMES)
 
 
+class _ProbesPackage(types.ModuleType):
+    """``calibration`` names a function and its submodule. Importing the submodule makes the import system bind
+    the module to this attribute; the function keeps it (as it did when this package imported everything)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "calibration" and isinstance(value, types.ModuleType):
+            value = value.calibration
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _ProbesPackage
+
+
 def __getattr__(name: str):
-    if name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    elif name in _NAMES:
+    if name in _NAMES:
         value = getattr(importlib.import_module(_NAMES[name], __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: fta.probes.spectral, ...
+        value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
