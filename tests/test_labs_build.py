@@ -121,4 +121,4 @@ def test_list(lab_dir, capsys):
 
 def test_the_real_labs_build_cleanly(tmp_path):
     labs.build(dest=tmp_path, check=True)
-    assert len(list(tmp_path.glob("*_student.ipynb"))) == len(labs.available()) == 6
+    assert len(list(tmp_path.glob("*_student.ipynb"))) == len(labs.available()) == 7
