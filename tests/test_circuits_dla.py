@@ -264,3 +264,19 @@ def test_ioi_on_smollm2_name_movers_and_the_decomposition(smollm2):
     for layer in range(30):
         others = others + _through_norm(model, store["mlp"][layer][:, -1], x, batch.io_ids, batch.s_ids)
     assert float(dla.sum() + others.mean()) == pytest.approx(float(clean.mean()), abs=1e-3)
+
+
+def test_head_indices_beyond_smollm2s_query_or_key_value_heads_are_clear_errors(smollm2):
+    """SmolLM2 has 9 query heads and 3 key/value heads per layer (GQA): an index beyond either names which."""
+    model, tok = smollm2
+    batch = ioi_batch(tok, 2)
+    metric = logit_diff(batch.io_ids, batch.s_ids)
+    with pytest.raises(ValueError, match=r"head 9 is out of range for 9 heads per layer \(0..8\)"):
+        fta.probes.activation_patching(model, batch.clean_ids, batch.corrupt_ids, metric, "z", layers=[29], heads=[9])
+    with pytest.raises(ValueError, match=r"head 3 is out of range for 3 key/value heads.*not its 9 query heads"):
+        fta.probes.activation_patching(model, batch.clean_ids, batch.corrupt_ids, metric, "v", layers=[29], heads=[3])
+    with pytest.raises(ValueError, match=r"head 3 is out of range for 3 key/value heads"):
+        fta.probes.attribution_patching(model, batch.clean_ids, batch.corrupt_ids, metric, "k", heads=[3])
+    # the last valid index of each works
+    result = fta.probes.activation_patching(model, batch.clean_ids, batch.corrupt_ids, metric, "v", layers=[29], heads=[2], per_position=False)
+    assert result.effect.shape == (1, 1)

@@ -78,13 +78,14 @@ def check_layers(layers, view: ModelView, owner: str) -> list[int]:
     return layers
 
 
-def check_head_indices(heads, n_heads: int, owner: str) -> list[int]:
+def check_head_indices(heads, n_heads: int, owner: str, kind: str = "heads") -> list[int]:
+    """Head indices in ``range(n_heads)`` (all of them for None); ``kind`` names them in the error."""
     if heads is None:
         return list(range(n_heads))
     heads = [heads] if isinstance(heads, int) else list(heads)
     for head in heads:
         if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
-            raise ValueError(f"{owner}: head {head!r} is out of range for {n_heads} heads per layer (0..{n_heads - 1}).")
+            raise ValueError(f"{owner}: head {head!r} is out of range for {n_heads} {kind} per layer (0..{n_heads - 1}).")
     return heads
 
 

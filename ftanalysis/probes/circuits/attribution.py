@@ -26,7 +26,7 @@ import torch
 from ..._validation import check_int, check_option
 from ._common import as_ids, call_metric, check_head_indices, check_layers, check_pair, model_device, spearman
 from .hooks import _forward, _view, act_name, hooks, run_with_cache
-from .patching import COMPONENTS, PER_HEAD, PatchingResult, eval_mode, n_heads_of, to_pos_major
+from .patching import COMPONENTS, PER_HEAD, PatchingResult, eval_mode, head_kind, n_heads_of, to_pos_major
 
 
 def attribution_patching(
@@ -74,7 +74,7 @@ def attribution_patching(
     layers = check_layers(layers, view, owner)
     per_head = component in PER_HEAD
     if per_head:
-        heads = check_head_indices(heads, n_heads_of(view, component), owner)
+        heads = check_head_indices(heads, n_heads_of(view, component), owner, head_kind(view, component))
     elif heads is not None:
         raise ValueError(f"{owner}: 'heads' applies to per-head components {list(PER_HEAD)}, not to {component!r}.")
     if positions is None:

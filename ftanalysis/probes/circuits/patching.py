@@ -74,6 +74,14 @@ def n_heads_of(view, component: str) -> int:
     return view.n_kv_heads if component in ("k", "v") else view.n_heads
 
 
+def head_kind(view, component: str) -> str:
+    """How the heads of ``component`` are named in errors: key/value heads differ from query heads under GQA."""
+    if component in ("k", "v") and view.n_kv_heads != view.n_heads:
+        return (f"key/value heads (component {component!r} has the model's {view.n_kv_heads} key/value heads, "
+                f"not its {view.n_heads} query heads: grouped-query attention)")
+    return "heads"
+
+
 @dataclass
 class PatchingResult:
     """Effects of activation patching, one per component.
@@ -234,7 +242,7 @@ def activation_patching(
     per_head = component in PER_HEAD
     layers = check_layers(layers, view, owner)
     if per_head:
-        heads = check_head_indices(heads, n_heads_of(view, component), owner)
+        heads = check_head_indices(heads, n_heads_of(view, component), owner, head_kind(view, component))
     elif heads is not None:
         raise ValueError(f"{owner}: 'heads' applies to per-head components {list(PER_HEAD)}, not to {component!r}.")
     n = clean.shape[0]
