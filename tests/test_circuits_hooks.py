@@ -37,7 +37,10 @@ def manual_gpt2(model, x):
     view = ModelView(model)
     h, dh = view.n_heads, view.d_head
     out = {}
-    resid = model.transformer.wte(x) + model.transformer.wpe(torch.arange(x.shape[1]))[None]
+    embed = model.transformer.wte.weight[x]  # [batch, pos, d_model]: rows of the embedding matrices
+    pos_embed = model.transformer.wpe.weight[: x.shape[1]].expand_as(embed)
+    out.update({"hook_embed": embed, "hook_pos_embed": pos_embed})
+    resid = embed + pos_embed
     seq = x.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     for layer, block in enumerate(model.transformer.h):
@@ -52,7 +55,10 @@ def manual_gpt2(model, x):
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
         pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        W_O = view.get(f"layers.{layer}.attn.o").reshape(view.d_model, h, dh)  # (out, in) -> [d_model, head, d_head]
+        result = torch.einsum("bqhd,mhd->bqhm", z, W_O)  # each head's output [batch, pos, head, d_model]
         attn_out = z.reshape(*z.shape[:2], -1) @ view.get(f"layers.{layer}.attn.o").T + block.attn.c_proj.bias
+        out[f"layers.{layer}.attn.hook_result"] = result
         mid = resid + attn_out
         mlp_out = block.mlp(block.ln_2(mid))
         post = block.mlp.act(block.mlp.c_fc(block.ln_2(mid)))  # neuron activations [batch, pos, d_mlp]
@@ -63,6 +69,10 @@ def manual_gpt2(model, x):
                     f"layers.{layer}.hook_attn_out": attn_out, f"layers.{layer}.hook_resid_mid": mid,
                     f"layers.{layer}.hook_mlp_out": mlp_out, f"layers.{layer}.hook_resid_post": mid + mlp_out})
         resid = mid + mlp_out
+    ln_f = model.transformer.ln_f
+    scale = torch.sqrt(resid.var(-1, unbiased=False, keepdim=True) + ln_f.eps)  # [batch, pos, 1]
+    out["ln_final.hook_scale"] = scale
+    out["ln_final.hook_normalized"] = (resid - resid.mean(-1, keepdim=True)) / scale * ln_f.weight + ln_f.bias
     return out
 
 
@@ -77,7 +87,8 @@ def manual_llama(model, x):
     view = ModelView(model)
     h, kvh, dh = view.n_heads, view.n_kv_heads, view.d_head
     out = {}
-    resid = model.model.embed_tokens(x)
+    resid = model.model.embed_tokens.weight[x]  # [batch, pos, d_model]
+    out["hook_embed"] = resid
     seq = x.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     positions = torch.arange(seq)[None].expand(x.shape[0], -1)
@@ -93,6 +104,8 @@ def manual_llama(model, x):
         scores = torch.einsum("bqhd,bkhd->bhqk", qr, kr) / math.sqrt(dh)
         pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         z = torch.einsum("bhqk,bkhd->bqhd", pattern, vr)
+        W_O = view.get(f"layers.{layer}.attn.o").reshape(view.d_model, h, dh)  # [d_model, head, d_head]
+        out[f"layers.{layer}.attn.hook_result"] = torch.einsum("bqhd,mhd->bqhm", z, W_O)
         attn_out = z.reshape(*x.shape, -1) @ view.get(f"layers.{layer}.attn.o").T
         mid = resid + attn_out
         mlp_out = block.mlp(block.post_attention_layernorm(mid))
@@ -105,6 +118,10 @@ def manual_llama(model, x):
                     f"layers.{layer}.hook_attn_out": attn_out, f"layers.{layer}.hook_resid_mid": mid,
                     f"layers.{layer}.hook_mlp_out": mlp_out, f"layers.{layer}.hook_resid_post": mid + mlp_out})
         resid = mid + mlp_out
+    norm = model.model.norm
+    scale = torch.sqrt(resid.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)  # RMS, [batch, pos, 1]
+    out["ln_final.hook_scale"] = scale
+    out["ln_final.hook_normalized"] = norm.weight * resid / scale
     return out
 
 
@@ -290,11 +307,13 @@ def test_transformerlens_block_names_are_aliases():
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["blocks.0.attn.hook_result", "blocks.1.mlp.hook_pre", "hook_embed", "ln_final.hook_normalized"])
+@pytest.mark.parametrize("name", ["blocks.0.attn.hook_rot_q", "blocks.1.mlp.hook_pre", "hook_tokens",
+                                  "blocks.0.ln1.hook_scale"])
 def test_transformerlens_hooks_without_a_counterpart_say_so(name):
     from ftanalysis.probes.circuits.hooks import run_with_cache
 
-    with pytest.raises(ValueError, match="is a TransformerLens hook that this package does not provide.*attn.hook_z"):
+    message = "is a TransformerLens hook that this package does not provide.*attn.hook_z.*hook_embed"
+    with pytest.raises(ValueError, match=message):
         run_with_cache(make_tiny("gpt2"), torch.tensor([[5, 6, 7]]), names_filter=[name])
 
 

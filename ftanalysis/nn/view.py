@@ -65,6 +65,11 @@ _LAYOUTS: dict[str, dict[str, tuple[str, int | None]]] = {
 _BLOCK_LISTS = {"gpt2": "h", "llama": "layers", "bert": "encoder.layer"}
 _ATTENTION = {"gpt2": "attn", "llama": "self_attn", "bert": "attention"}
 _MLP = {"gpt2": "mlp", "llama": "mlp", "bert": None}
+# decoder modules outside the blocks, as attributes of the bare model that holds the block list
+_DECODER_PARTS = {
+    "gpt2": {"embed": "wte", "pos_embed": "wpe", "final_norm": "ln_f"},
+    "llama": {"embed": "embed_tokens", "final_norm": "norm"},  # RoPE: no position embedding
+}
 
 
 def family_of(model_type: str) -> str:
@@ -233,6 +238,34 @@ class ModelView:
     def block(self, layer: int) -> nn.Module:
         return self.blocks[self._layer(layer)]
 
+    def decoder_module(self, part: str) -> nn.Module | None:
+        """A decoder's module outside its blocks, found next to the block list (under any adapter wrapper).
+
+        ``part`` is ``"embed"`` (token embedding: GPT-2 ``wte``, Llama ``embed_tokens``), ``"pos_embed"`` (GPT-2's
+        learned ``wpe``; ``None`` for RoPE models, which have none) or ``"final_norm"`` (``ln_f``, ``norm``).
+        """
+        parts = _DECODER_PARTS.get(self.family)
+        if parts is None:
+            raise ValueError(
+                f"decoder_module supports the decoder families {list(_DECODER_PARTS)}. Got a {self.family!r} model."
+            )
+        if part not in ("embed", "pos_embed", "final_norm"):
+            raise ValueError(
+                "The 'part' parameter of decoder_module must be one of ['embed', 'pos_embed', 'final_norm']. "
+                f"Got {part!r}."
+            )
+        if part not in parts:
+            return None
+        parent_path = self.block_list_path.rpartition(".")[0]
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        module = getattr(parent, parts[part], None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"Could not find the {part} module {parts[part]!r} next to the block list {self.block_list_path!r} "
+                f"of this {self.family} model."
+            )
+        return module
+
     def _layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers:
             raise ValueError(f"Layer index {layer!r} out of range for a model with {self.n_layers} layers.")
@@ -295,3 +328,33 @@ class ModelView:
             f"ModelView(family={self.family!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
             f"n_heads={self.n_heads}, d_head={self.d_head}, matrices={len(self._refs)})"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The final norm: used by direct logit attribution and by the ``ln_final`` activation hooks.
+def final_norm(view: ModelView) -> nn.Module:
+    """The final norm of a GPT-2 (``transformer.ln_f``) or Llama-family (``model.norm``) model."""
+    return view.decoder_module("final_norm")
+
+
+def norm_parameters(norm: nn.Module) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
+    """``(centred, eps, weight, bias)`` of a LayerNorm (centred) or an RMSNorm (Llama's ``variance_epsilon``)."""
+    if isinstance(norm, nn.LayerNorm):
+        return True, float(norm.eps), norm.weight, norm.bias
+    if hasattr(norm, "variance_epsilon"):  # LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm: weight * x / rms(x)
+        return False, float(norm.variance_epsilon), norm.weight, None
+    if isinstance(norm, getattr(nn, "RMSNorm", ())):
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        return False, float(eps), norm.weight, None
+    raise TypeError(
+        "Only LayerNorm and RMSNorm final norms are supported (direct logit attribution, the ln_final hooks). "
+        f"Got {type(norm).__name__}."
+    )
+
+
+def norm_scale(x: torch.Tensor, centred: bool, eps: float) -> torch.Tensor:
+    """The scale a LayerNorm (``centred``) or RMSNorm divides ``x [..., d_model]`` by: ``[...]``, float32."""
+    x = x.float()
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
+    return torch.sqrt(x.pow(2).mean(-1) + eps)

@@ -42,48 +42,11 @@ import torch
 from torch import nn
 
 from ..._validation import check_int
-from ...nn.view import ModelView
+from ...nn.view import final_norm, norm_parameters, norm_scale
 from ._common import as_ids, model_device
 from .hooks import _view, act_name, run_with_cache
 from .metrics import _ids
 from .patching import eval_mode
-
-# the final norm of each hooked family, as an attribute of the bare model that holds the block list
-_FINAL_NORMS = {"gpt2": "ln_f", "llama": "norm"}
-
-
-def final_norm(view: ModelView) -> nn.Module:
-    """The final norm of a GPT-2 (``transformer.ln_f``) or Llama-family (``model.norm``) model."""
-    parent_path = view.block_list_path.rpartition(".")[0]
-    parent = view.model.get_submodule(parent_path) if parent_path else view.model
-    norm = getattr(parent, _FINAL_NORMS[view.family], None)
-    if not isinstance(norm, nn.Module):
-        raise ValueError(
-            f"Could not find the final norm {_FINAL_NORMS[view.family]!r} next to the block list "
-            f"{view.block_list_path!r} "
-            f"of this {view.family} model."
-        )
-    return norm
-
-
-def norm_parameters(norm: nn.Module) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
-    """``(centred, eps, weight, bias)`` of a LayerNorm (centred) or an RMSNorm (Llama's ``variance_epsilon``)."""
-    if isinstance(norm, nn.LayerNorm):
-        return True, float(norm.eps), norm.weight, norm.bias
-    if hasattr(norm, "variance_epsilon"):  # LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm: weight * x / rms(x)
-        return False, float(norm.variance_epsilon), norm.weight, None
-    if isinstance(norm, getattr(nn, "RMSNorm", ())):
-        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-        return False, float(eps), norm.weight, None
-    raise TypeError(f"Direct logit attribution supports LayerNorm and RMSNorm final norms. Got {type(norm).__name__}.")
-
-
-def norm_scale(x: torch.Tensor, centred: bool, eps: float) -> torch.Tensor:
-    """The scale a LayerNorm (``centred``) or RMSNorm divides ``x [..., d_model]`` by: ``[...]``."""
-    x = x.float()
-    if centred:
-        x = x - x.mean(-1, keepdim=True)
-    return torch.sqrt(x.pow(2).mean(-1) + eps)
 
 
 def _unembedding(model: nn.Module, owner: str) -> torch.Tensor:

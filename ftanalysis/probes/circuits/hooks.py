@@ -4,25 +4,53 @@ No conversion: the hooks sit on the modules of the model as Hugging Face builds 
 family: Llama, Qwen2, Mistral), found through :class:`ftanalysis.nn.ModelView`. Names use the package's
 ``layers.{l}.`` prefix with TransformerLens' suffixes:
 
-=================================  ===============================  ==========================================
-name                               shape                            where it is read
-=================================  ===============================  ==========================================
-``layers.{l}.hook_resid_pre``      ``[batch, pos, d_model]``        input of block ``l``
-``layers.{l}.hook_resid_mid``      ``[batch, pos, d_model]``        input of the block's second norm
-``layers.{l}.hook_resid_post``     ``[batch, pos, d_model]``        output of block ``l``
-``layers.{l}.hook_attn_out``       ``[batch, pos, d_model]``        output of the attention module
-``layers.{l}.hook_mlp_out``        ``[batch, pos, d_model]``        output of the MLP
-``layers.{l}.attn.hook_q``         ``[batch, pos, head, d_head]``   query projection (before RoPE)
-``layers.{l}.attn.hook_k``         ``[batch, pos, kv_head, d_head]`` key projection (before RoPE)
-``layers.{l}.attn.hook_v``         ``[batch, pos, kv_head, d_head]`` value projection
-``layers.{l}.attn.hook_z``         ``[batch, pos, head, d_head]``   input of the output projection
-``layers.{l}.attn.hook_attn_scores`` ``[batch, head, q_pos, k_pos]`` scaled scores before the softmax;
-                                                                    masked entries hold the dtype's most
-                                                                    negative value (TransformerLens: -inf)
-``layers.{l}.attn.hook_pattern``   ``[batch, head, q_pos, k_pos]``  softmax of the attention scores
-``layers.{l}.mlp.hook_post``       ``[batch, pos, d_mlp]``          neuron activations: the input of the MLP's
-                                                                    down projection (``act(gate) * up`` in Llama)
-=================================  ===============================  ==========================================
+===================================== ================================= ======================================
+name                                  shape                             where it is read
+===================================== ================================= ======================================
+``hook_embed``                        ``[batch, pos, d_model]``         output of the token embedding
+                                                                        (GPT-2 ``wte``, Llama ``embed_tokens``)
+``hook_pos_embed``                    ``[batch, pos, d_model]``         output of GPT-2's learned position
+                                                                        embedding ``wpe``, repeated over the
+                                                                        batch (RoPE models have none)
+``layers.{l}.hook_resid_pre``         ``[batch, pos, d_model]``         input of block ``l``
+``layers.{l}.hook_resid_mid``         ``[batch, pos, d_model]``         input of the block's second norm
+``layers.{l}.hook_resid_post``        ``[batch, pos, d_model]``         output of block ``l``
+``layers.{l}.hook_attn_out``          ``[batch, pos, d_model]``         output of the attention module
+``layers.{l}.hook_mlp_out``           ``[batch, pos, d_model]``         output of the MLP
+``layers.{l}.attn.hook_q``            ``[batch, pos, head, d_head]``    query projection (before RoPE)
+``layers.{l}.attn.hook_k``            ``[batch, pos, kv_head, d_head]`` key projection (before RoPE)
+``layers.{l}.attn.hook_v``            ``[batch, pos, kv_head, d_head]`` value projection
+``layers.{l}.attn.hook_z``            ``[batch, pos, head, d_head]``    input of the output projection
+``layers.{l}.attn.hook_result``       ``[batch, pos, head, d_model]``   each head's output: its ``z`` times its
+                                                                        ``d_head`` columns of ``W_O``; the sum
+                                                                        over heads plus the output bias is
+                                                                        ``hook_attn_out``
+``layers.{l}.attn.hook_attn_scores``  ``[batch, head, q_pos, k_pos]``   scaled scores before the softmax;
+                                                                        masked entries hold the dtype's most
+                                                                        negative value (TransformerLens: -inf)
+``layers.{l}.attn.hook_pattern``      ``[batch, head, q_pos, k_pos]``   softmax of the attention scores
+``layers.{l}.mlp.hook_post``          ``[batch, pos, d_mlp]``           neuron activations: the input of the
+                                                                        MLP's down projection (``act(gate) *
+                                                                        up`` in Llama)
+``ln_final.hook_scale``               ``[batch, pos, 1]``               what the final norm divides by, float32:
+                                                                        ``sqrt(var(x) + eps)`` (LayerNorm),
+                                                                        ``sqrt(mean(x^2) + eps)`` (RMSNorm)
+``ln_final.hook_normalized``          ``[batch, pos, d_model]``         output of the final norm (weight and
+                                                                        bias applied): what ``lm_head`` reads
+===================================== ================================= ======================================
+
+The four names without a layer are *global* (one per model), spelled as in TransformerLens. A cache takes
+TransformerLens' short names for them, ``cache["embed"]``, ``cache["pos_embed"]``, ``cache["scale"]`` and
+``cache["normalized"]``, and ``cache[short, layer]`` for the others (``cache["result", 3]``). Every hook is
+writable: a returned tensor replaces the activation. A new ``hook_scale`` makes the final norm compute
+``C(x) / scale * weight + bias`` with it (``C`` centres for LayerNorm; no centring nor bias for RMSNorm); a new
+``hook_result`` makes the attention output the sum over heads of the returned results plus the output bias.
+``hook_result`` is computed only when selected (it is ``n_heads`` times the size of the attention output) and
+reads the output projection's own weight, so an adapter wrapped around that projection is refused (merge it
+first). ``hook_embed`` is read when the model embeds ``input_ids`` itself (a call with ``inputs_embeds`` skips
+it), and on GPT-2 it refuses ``token_type_ids``, which GPT-2 embeds with the same module. TransformerLens puts
+an RMSNorm's ``hook_normalized`` before the norm's weight; here it is always the norm's output, so that
+``lm_head(hook_normalized)`` are the logits in both families.
 
 ``hook_z`` is TransformerLens' ``hook_z``: the per-head mix of values, i.e. the input of ``o_proj`` (GPT-2's
 ``attn.c_proj``) split into heads with ``einops``. Hugging Face's default ``sdpa`` attention never forms the
@@ -42,6 +70,10 @@ Examples
 >>> logits, cache = run_with_cache(model, ids, names_filter=["layers.0.attn.hook_z", "layers.1.attn.hook_pattern"])
 >>> tuple(cache["z", 0].shape), tuple(cache["pattern", 1].shape)
 ((1, 5, 4, 16), (1, 4, 5, 5))
+>>> names = ["hook_embed", "layers.1.attn.hook_result", "ln_final.hook_scale"]
+>>> _, cache = run_with_cache(model, ids, names_filter=names)
+>>> tuple(cache["embed"].shape), tuple(cache["result", 1].shape), tuple(cache["scale"].shape)
+((1, 5, 64), (1, 5, 4, 64), (1, 5, 1))
 """
 
 from __future__ import annotations
@@ -56,7 +88,7 @@ import einops
 import torch
 from torch import nn
 
-from ...nn.view import ModelView
+from ...nn.view import ModelView, final_norm, norm_parameters, norm_scale, unwrap
 
 # suffix -> shape of the activation, as a string of axis names
 SUFFIXES: dict[str, str] = {
@@ -69,12 +101,23 @@ SUFFIXES: dict[str, str] = {
     "attn.hook_k": "batch pos kv_head d_head",
     "attn.hook_v": "batch pos kv_head d_head",
     "attn.hook_z": "batch pos head d_head",
+    "attn.hook_result": "batch pos head d_model",
     "attn.hook_attn_scores": "batch head q_pos k_pos",
     "attn.hook_pattern": "batch head q_pos k_pos",
     "mlp.hook_post": "batch pos d_mlp",
 }
+# global hooks (one per model, no layer), named as in TransformerLens -> shape
+GLOBALS: dict[str, str] = {
+    "hook_embed": "batch pos d_model",
+    "hook_pos_embed": "batch pos d_model",  # GPT-2 only: RoPE models have no position embedding
+    "ln_final.hook_scale": "batch pos 1",
+    "ln_final.hook_normalized": "batch pos d_model",
+}
+_BEFORE_BLOCKS = ("hook_embed", "hook_pos_embed")
 # short names accepted by ``cache[short, layer]`` and by the patching functions' ``component``
 SHORT_NAMES: dict[str, str] = {s.split("hook_")[-1]: s for s in SUFFIXES}
+# short names of the global hooks, accepted by ``cache[short]`` (TransformerLens' ``get_act_name`` spelling)
+GLOBAL_SHORT_NAMES: dict[str, str] = {g.split("hook_")[-1]: g for g in GLOBALS}
 HOOKED_FAMILIES = ("gpt2", "llama")
 ATTENTION_IMPLEMENTATION = "ftanalysis_hooked"
 _NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -82,11 +125,10 @@ _NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # TransformerLens hooks without a counterpart here (named in the error, so a user knows it is not a typo)
 TL_ONLY_SUFFIXES = (
-    "hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result", "attn.hook_rot_q",
-    "attn.hook_rot_k", "mlp.hook_pre", "mlp.hook_pre_linear", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale",
-    "ln2.hook_normalized",
+    "hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_rot_q", "attn.hook_rot_k", "mlp.hook_pre",
+    "mlp.hook_pre_linear", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
 )
-TL_ONLY_GLOBAL = ("hook_embed", "hook_pos_embed", "hook_tokens", "ln_final.hook_scale", "ln_final.hook_normalized")
+TL_ONLY_GLOBAL = ("hook_tokens",)
 # the second norm of a block, whose input is hook_resid_mid
 _SECOND_NORM = {"gpt2": "ln_2", "llama": "post_attention_layernorm"}
 
@@ -95,16 +137,16 @@ HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
 @dataclass(frozen=True)
 class HookPoint:
-    """A named activation of one layer (what a hook function receives as its second argument)."""
+    """A named activation of one layer, or a global one (what a hook function receives as its second argument)."""
 
-    name: str  # e.g. "layers.1.attn.hook_z"
-    layer: int
-    suffix: str  # e.g. "attn.hook_z"
+    name: str  # e.g. "layers.1.attn.hook_z", or a global name such as "hook_embed"
+    layer: int | None  # None for the global hooks
+    suffix: str  # e.g. "attn.hook_z"; the name itself for global hooks
 
     @property
     def shape(self) -> str:
         """The activation's axes, e.g. ``"batch pos head d_head"``."""
-        return SUFFIXES[self.suffix]
+        return GLOBALS[self.suffix] if self.layer is None else SUFFIXES[self.suffix]
 
     @property
     def short(self) -> str:
@@ -112,19 +154,41 @@ class HookPoint:
         return self.suffix.split("hook_")[-1]
 
 
-def act_name(component: str, layer: int) -> str:
-    """Full hook name of a short component name: ``act_name("z", 3) == "layers.3.attn.hook_z"``."""
-    if component in SUFFIXES:
-        return f"layers.{layer}.{component}"
-    if component not in SHORT_NAMES:
-        raise ValueError(f"Unknown component {component!r}. Known components: {list(SHORT_NAMES)}.")
-    return f"layers.{layer}.{SHORT_NAMES[component]}"
+def act_name(component: str, layer: int | None = None) -> str:
+    """Full hook name of a short component name: ``act_name("z", 3) == "layers.3.attn.hook_z"``.
+
+    Global components take no layer: ``act_name("embed") == "hook_embed"``, ``act_name("scale") ==
+    "ln_final.hook_scale"``.
+    """
+    if component in GLOBALS or component in GLOBAL_SHORT_NAMES:
+        if layer is not None:
+            raise ValueError(
+                f"Component {component!r} is global (one per model) and takes no layer. Got layer {layer!r}."
+            )
+        return GLOBAL_SHORT_NAMES.get(component, component)
+    if component not in SUFFIXES and component not in SHORT_NAMES:
+        raise ValueError(
+            f"Unknown component {component!r}. Known components: {list(SHORT_NAMES)} (with a layer) and "
+            f"{list(GLOBAL_SHORT_NAMES)} (global)."
+        )
+    if layer is None:
+        raise ValueError(f"Component {component!r} belongs to a layer: give one, e.g. act_name({component!r}, 0).")
+    return f"layers.{layer}.{SHORT_NAMES.get(component, component)}"
+
+
+def _globals_of(view: ModelView) -> list[str]:
+    return [g for g in GLOBALS if g != "hook_pos_embed" or view.decoder_module("pos_embed") is not None]
 
 
 def hook_names(model_or_view) -> list[str]:
-    """Every hook name of a model, in layer order."""
+    """Every hook name of a model in the order of the forward pass: embeddings, layers, final norm."""
     view = _view(model_or_view)
-    return [f"layers.{layer}.{suffix}" for layer in range(view.n_layers) for suffix in SUFFIXES]
+    present = _globals_of(view)
+    return (
+        [g for g in present if g in _BEFORE_BLOCKS]
+        + [f"layers.{layer}.{suffix}" for layer in range(view.n_layers) for suffix in SUFFIXES]
+        + [g for g in present if g not in _BEFORE_BLOCKS]
+    )
 
 
 def canonical_name(name: str) -> str:
@@ -137,23 +201,35 @@ def parse_name(name: str, view: ModelView) -> HookPoint:
     """The :class:`HookPoint` of a full hook name (``ValueError`` naming what exists otherwise).
 
     TransformerLens' ``blocks.{l}.`` prefix is accepted as an alias of ``layers.{l}.``; the point's ``name`` is
-    always ours, so caches are keyed by it (and :class:`ActivationCache` accepts either spelling).
+    always ours, so caches are keyed by it (and :class:`ActivationCache` accepts either spelling). The global
+    names (``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_scale``, ``ln_final.hook_normalized``) are the same
+    in both schemes.
     """
     if not isinstance(name, str):
         raise TypeError(f"Hook names must be str. Got {type(name).__name__} ({name!r}).")
     name = canonical_name(name)
+    known = (
+        f"Names are 'layers.{{l}}.<suffix>' (or TransformerLens' 'blocks.{{l}}.<suffix>') with suffix one of "
+        f"{list(SUFFIXES)}, or one of the global names {list(GLOBALS)}."
+    )
+    if name in GLOBALS:
+        if name == "hook_pos_embed" and view.decoder_module("pos_embed") is None:
+            raise ValueError(
+                f"'hook_pos_embed' does not exist in this {view.config.model_type} model: RoPE models have no position "
+                "embedding (positions enter by rotating q and k inside attention; attn.hook_q and attn.hook_k are read "
+                "before the rotation)."
+            )
+        return HookPoint(name=name, layer=None, suffix=name)
     match = _NAME.match(name)
     if match is None or match.group(2) not in SUFFIXES:
         bare = match.group(2) if match else name
-        if bare in TL_ONLY_SUFFIXES or bare in TL_ONLY_GLOBAL:
+        if match is not None and bare in GLOBALS:
             raise ValueError(
-                f"{name!r} is a TransformerLens hook that this package does not provide. Hook names here are "
-                f"'layers.{{l}}.<suffix>' (or TransformerLens' 'blocks.{{l}}.<suffix>') with suffix one of {list(SUFFIXES)}."
+                f"{bare!r} is a global hook (one per model): name it {bare!r}, without the layer prefix of {name!r}."
             )
-        raise ValueError(
-            f"Unknown hook name {name!r}. Names are 'layers.{{l}}.<suffix>' (or TransformerLens' 'blocks.{{l}}.<suffix>') "
-            f"with suffix one of {list(SUFFIXES)}."
-        )
+        if bare in TL_ONLY_SUFFIXES or bare in TL_ONLY_GLOBAL:
+            raise ValueError(f"{name!r} is a TransformerLens hook that this package does not provide. {known}")
+        raise ValueError(f"Unknown hook name {name!r}. {known}")
     layer = int(match.group(1))
     if layer >= view.n_layers:
         raise ValueError(f"Hook name {name!r} has layer {layer}, out of range for a model with {view.n_layers} layers.")
@@ -264,21 +340,25 @@ class _Installer:
         self.view = view
         self.handles: list = []
         self.pattern_entries: list[tuple[weakref.WeakKeyDictionary, nn.Module, Callable]] = []
+        self.scale_fns: list[Callable] | None = None  # the ln_final.hook_scale functions, in order, once installed
+        # GPT-2 only: {"size": batch size of the running forward pass, "embed": whether hook_embed is active}
+        self.batch: dict | None = None
 
     def add(self, point: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
         """Install ``fn(canonical activation) -> replacement or None`` at ``point``."""
+        if point.layer is None:
+            self._add_global(point, fn)
+            return
         view, family, layer, suffix = self.view, self.view.family, point.layer, point.suffix
         block = view.block(layer)
         attn = view.attention(layer)
 
         def checked(value: torch.Tensor, new) -> torch.Tensor | None:
-            if new is None:
-                return None
-            if not isinstance(new, torch.Tensor) or new.shape != value.shape:
-                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-                raise ValueError(f"A hook on {point.name!r} returned {got}; it must return None or a tensor of shape {tuple(value.shape)}.")
-            return new.contiguous()  # an expanded or transposed tensor would break the modules' .view calls
+            return _checked(point, value, new)
 
+        if suffix == "attn.hook_result":
+            self._add_result(point, fn)
+            return
         if suffix in ("hook_resid_pre", "hook_resid_mid", "attn.hook_z", "mlp.hook_post"):
             module = {
                 "hook_resid_pre": block,
@@ -335,6 +415,121 @@ class _Installer:
         else:  # pragma: no cover - SUFFIXES and this function are kept in step
             raise AssertionError(suffix)
 
+    def _add_result(self, point: HookPoint, fn: Callable) -> None:
+        """``attn.hook_result``: each head's ``z`` through its columns of ``W_O`` (read at the output projection)."""
+        view = self.view
+        ref = view.ref(f"layers.{point.layer}.attn.o")
+        module = view.wrapper(ref.name)
+        if module is not view.module(ref.name):
+            raise ValueError(
+                f"{point.name!r} splits the output projection of layer {point.layer} by head through its weight, but "
+                f"it is wrapped by an adapter ({type(module).__name__}): merge the adapter first "
+                "(e.g. result.merged_model())."
+            )
+
+        def result_hook(_module, args, kwargs, output):
+            z = einops.rearrange(
+                _input_tensor(args, kwargs), "b p (head d_head) -> b p head d_head", d_head=view.d_head
+            )  # [batch, pos, head, d_head]
+            weight = module.weight if ref.transposed else module.weight.T  # Conv1D stores (in, out); Linear (out, in)
+            w_o = einops.rearrange(weight, "(head d_head) d_model -> head d_head d_model", d_head=view.d_head)
+            result = einops.einsum(z, w_o, "b p head d_head, head d_head d_model -> b p head d_model")  # per head
+            new = _checked(point, result, fn(result))
+            if new is None:
+                return None
+            out = einops.reduce(new, "b p head d_model -> b p d_model", "sum")
+            bias = getattr(module, "bias", None)
+            return (out if bias is None else out + bias).to(output.dtype)
+
+        self.handles.append(module.register_forward_hook(result_hook, with_kwargs=True))
+
+    def _add_global(self, point: HookPoint, fn: Callable) -> None:
+        view, name = self.view, point.name
+        if name in ("hook_embed", "hook_pos_embed"):
+            if view.family == "gpt2":
+                self._watch_decoder_input(embed=name == "hook_embed")
+            module = view.decoder_module("embed" if name == "hook_embed" else "pos_embed")
+            batch = self.batch
+
+            def embed_hook(_module, _args, output):
+                value = output
+                if name == "hook_pos_embed" and output.shape[0] != batch["size"]:  # GPT-2's wpe gives [1, pos, d_model]
+                    value = einops.repeat(output[0], "pos d_model -> batch pos d_model", batch=batch["size"])
+                return _checked(point, value, fn(value))  # GPT-2 adds the two embeddings, so [batch, ...] broadcasts
+
+            self.handles.append(module.register_forward_hook(embed_hook))
+        elif name == "ln_final.hook_normalized":
+
+            def normalized_hook(_module, _args, output):
+                value = first_tensor(output)
+                new = _checked(point, value, fn(value))
+                return None if new is None else replace_first(output, new)
+
+            self.handles.append(final_norm(view).register_forward_hook(normalized_hook))
+        elif name == "ln_final.hook_scale":
+            if self.scale_fns is None:
+                self._install_scale()
+            self.scale_fns.append(lambda scale: _checked(point, scale, fn(scale)))
+        else:  # pragma: no cover - GLOBALS and this function are kept in step
+            raise AssertionError(name)
+
+    def _install_scale(self) -> None:
+        """One pre-hook computing the final norm's scale (passed through every scale function, in order) and, if a
+        function replaced it, one forward hook recomputing the norm with the new scale."""
+        norm = unwrap(final_norm(self.view))  # under an SSF-style wrapper, the norm itself
+        centred, eps, weight, bias = norm_parameters(norm)
+        fns: list[Callable] = []
+        replaced: dict[str, torch.Tensor] = {}
+
+        def scale_pre_hook(_module, args, kwargs):
+            replaced.pop("scale", None)  # nothing left over from a forward pass that raised
+            scale = norm_scale(_input_tensor(args, kwargs), centred, eps)[..., None]  # [batch, pos, 1]
+            changed = False
+            for f in fns:
+                new = f(scale)
+                if new is not None:
+                    scale, changed = new, True
+            if changed:
+                replaced["scale"] = scale
+            return None
+
+        def scale_hook(_module, args, kwargs, output):
+            scale = replaced.pop("scale", None)
+            if scale is None:
+                return None
+            x = _input_tensor(args, kwargs)
+            return _normalize(x, scale, centred, weight, bias)
+
+        self.handles.append(norm.register_forward_pre_hook(scale_pre_hook, with_kwargs=True))
+        # prepended: a norm recomputed with the new scale is what the ln_final.hook_normalized hooks then see
+        self.handles.append(norm.register_forward_hook(scale_hook, with_kwargs=True, prepend=True))
+        self.scale_fns = fns
+
+    def _watch_decoder_input(self, embed: bool) -> None:
+        """A pre-hook on GPT-2's bare model: records the batch size (``wpe`` runs on one row of positions) and refuses
+        ``token_type_ids`` while ``hook_embed`` is active (GPT-2 embeds them with ``wte`` too)."""
+        if self.batch is None:
+            self.batch = {"size": 1, "embed": False}
+            batch = self.batch
+            parent_path = self.view.block_list_path.rpartition(".")[0]
+            decoder = self.view.model.get_submodule(parent_path) if parent_path else self.view.model
+
+            def input_pre_hook(_module, args, kwargs):
+                tokens = args[0] if args else kwargs.get("input_ids")
+                if tokens is None:
+                    tokens = kwargs.get("inputs_embeds")
+                if tokens is not None:
+                    batch["size"] = tokens.shape[0]
+                if batch["embed"] and kwargs.get("token_type_ids") is not None:
+                    raise ValueError(
+                        "'hook_embed' reads GPT-2's token embedding wte, which also embeds 'token_type_ids': run "
+                        "without token_type_ids while hook_embed is active."
+                    )
+                return None
+
+            self.handles.append(decoder.register_forward_pre_hook(input_pre_hook, with_kwargs=True))
+        self.batch["embed"] = self.batch["embed"] or embed
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -346,6 +541,29 @@ class _Installer:
             if not entries and module in registry:
                 del registry[module]
         self.pattern_entries.clear()
+
+
+def _checked(point: HookPoint, value: torch.Tensor, new) -> torch.Tensor | None:
+    """A hook function's replacement, checked against the activation's shape (``None``: leave it)."""
+    if new is None:
+        return None
+    if not isinstance(new, torch.Tensor) or new.shape != value.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ValueError(
+            f"A hook on {point.name!r} returned {got}; it must return None or a tensor of shape {tuple(value.shape)}."
+        )
+    return new.contiguous()  # an expanded or transposed tensor would break the modules' .view calls
+
+
+def _normalize(x: torch.Tensor, scale: torch.Tensor, centred: bool, weight, bias) -> torch.Tensor:
+    """A LayerNorm (``centred``) or RMSNorm of ``x [batch, pos, d_model]`` with a given ``scale [batch, pos, 1]``."""
+    y = x.float()
+    if centred:  # LayerNorm: (x - mean) / scale * weight + bias, in float32
+        y = (y - y.mean(-1, keepdim=True)) / scale
+        y = y if weight is None else y * weight.float()
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    y = (y / scale).to(x.dtype)  # RMSNorm as Llama computes it: weight * (x / rms(x)) in the input dtype
+    return y if weight is None else weight * y
 
 
 @contextmanager
@@ -370,8 +588,9 @@ def hooks(
     cache : dict, optional
         If given, the activations selected by ``names_filter`` are stored in it under their full names.
     names_filter : str, list of str or callable, optional
-        Which activations to cache: a name, a list of names, or a predicate ``name -> bool``. Only these are
-        stored (nothing is cached when ``None``).
+        Which activations to cache: a name, a list of names, or a predicate ``name -> bool`` over
+        :func:`hook_names` (``lambda n: True`` includes every ``attn.hook_result``, ``n_heads`` times the size of
+        the attention output per layer). Only these are stored (nothing is cached when ``None``).
     positions : int, list of int or slice, optional
         Cache only these sequence positions (the ``q_pos`` axis for patterns).
     detach : bool, default=True
@@ -430,13 +649,21 @@ def _cache_fn(cache: dict, point: HookPoint, positions, detach: bool) -> Callabl
 
 
 class ActivationCache(dict):
-    """Cached activations by full name; ``cache["z", 0]`` is ``cache["layers.0.attn.hook_z"]``."""
+    """Cached activations by full name; ``cache["z", 0]`` is ``cache["layers.0.attn.hook_z"]``.
+
+    Global activations take TransformerLens' short names: ``cache["embed"]``, ``cache["pos_embed"]``,
+    ``cache["scale"]`` (``ln_final.hook_scale``) and ``cache["normalized"]`` (``ln_final.hook_normalized``).
+    """
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
             if len(key) != 2:
                 raise KeyError(f"Index the cache with a full name or a (component, layer) pair. Got {key!r}.")
             key = act_name(*key)
+        elif key in GLOBAL_SHORT_NAMES:
+            key = GLOBAL_SHORT_NAMES[key]
+        elif key in SHORT_NAMES:
+            raise KeyError(f"Component {key!r} belongs to a layer: index the cache with cache[{key!r}, layer].")
         key = canonical_name(key)
         if not dict.__contains__(self, key):
             raise KeyError(f"{key!r} is not in this cache, which holds {sorted(self)}. Select it with 'names_filter'.")
@@ -444,7 +671,12 @@ class ActivationCache(dict):
 
     def stack(self, component: str) -> torch.Tensor:
         """The cached activations of ``component`` for every cached layer, stacked on a new first axis."""
-        names = [n for n in self if n.endswith("." + SHORT_NAMES.get(component, component))]
+        if component in GLOBAL_SHORT_NAMES or component in GLOBALS:
+            raise KeyError(
+                f"Component {component!r} is global (one per model), not per layer: read it as cache[{component!r}]."
+            )
+        suffix = "." + SHORT_NAMES.get(component, component)
+        names = [n for n in self if _NAME.match(n) and n.endswith(suffix)]
         names.sort(key=lambda n: int(_NAME.match(n).group(1)))
         if not names:
             raise KeyError(f"No cached activation of component {component!r}.")
