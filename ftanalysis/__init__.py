@@ -11,13 +11,12 @@ Fine-tuning methods behind one API, probes of weight and activation changes, and
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
 # Submodules and names are imported on first use (PEP 562), so ``import ftanalysis`` and ``ftanalysis --help``
 # do not pay for torch and transformers until something needs them.
-_SUBMODULES = ("merging", "methods", "nn", "notebook", "plotting", "probes", "tasks", "zoo")
 _NAMES = {
     "cached_finetune": ".cache",
     "TrainerSetup": ".hf_trainer",
@@ -34,16 +33,4 @@ __all__ = ["FinetuneResult", "cached_finetune", "notebook", "choose_device", "fi
 __all__ += ["export_peft", "load_peft", "TrainerSetup", "prepare_for_trainer"]
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    elif name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name], __name__), name)
-    else:
-        raise AttributeError(f"module 'ftanalysis' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES)  # the submodules too, found by name

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import methods, tasks, zoo
+from ..cache import run_description
 from ..train import finetune as train
 from .trained_parameters import save_trained, shipped_or_cached_finetune
 
@@ -72,8 +73,6 @@ def _make(name: str, base_name: str, start, tok, task, method, lr: float, steps:
     started = time.perf_counter()
     result = train(start, tok, task, method, progress=False, **kwargs)
     seconds = time.perf_counter() - started
-    from ..cache import run_description
-
     merged = result.merged_model().eval()
     card = {
         "name": name,

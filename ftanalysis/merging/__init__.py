@@ -13,8 +13,8 @@ merged first) and ``rule.merge_vectors(task_vectors)`` works on updates.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
+
+from .._lazy import lazy_attributes
 
 # Names are imported on first use (PEP 562), so ``ftanalysis merge --help`` does not pay for torch.
 _NAMES = {
@@ -41,19 +41,7 @@ BUILTIN_RULES = {
 _REGISTRY: dict = {}
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name], __name__), name)
-    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: fta.merging.ties, ...
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES)
 
 
 def _registry() -> dict:

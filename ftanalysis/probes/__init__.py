@@ -10,10 +10,10 @@ Probes never modify the models they are given.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 import types
+
+from .._lazy import lazy_attributes
 
 # Submodules and names are imported on first use (PEP 562), so the command line's ``--help`` does not pay for
 # torch. Each probe module adds its public names to this table.
@@ -122,16 +122,4 @@ class _ProbesPackage(types.ModuleType):
 sys.modules[__name__].__class__ = _ProbesPackage
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name], __name__), name)
-    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: fta.probes.spectral, ...
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _NAMES)

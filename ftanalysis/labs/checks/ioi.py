@@ -31,7 +31,7 @@ from ...probes.circuits import (
 )
 from ...probes.circuits.dla import final_norm, norm_parameters, norm_scale
 from ._core import resolve, running, seeded
-from .patching import check_logit_diff, hook_count, tiny_gpt2
+from .patching import _pair, check_logit_diff, hook_count, tiny_gpt2
 
 __all__ = ["check_head_dla", "check_head_patching", "check_logit_diff", "check_path_patch_to_logits"]
 
@@ -110,14 +110,7 @@ def model_for(case: dict) -> nn.Module:
 
 def inputs_for(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean ids, corrupted ids (clean with the case's positions changed), answer and wrong token ids."""
-    g = seeded(2000 + case["seed"])
-    clean = torch.randint(0, _VOCAB, (case["batch"], case["pos"]), generator=g)
-    corrupt = clean.clone()
-    for p in case["corrupt_at"]:
-        corrupt[:, p] = (clean[:, p] + torch.randint(1, _VOCAB, (case["batch"],), generator=g)) % _VOCAB
-    answer = torch.randint(0, _VOCAB, (case["batch"],), generator=g)
-    wrong = (answer + torch.randint(1, _VOCAB, (case["batch"],), generator=g)) % _VOCAB
-    return clean, corrupt, answer, wrong
+    return _pair(case, seed_offset=2000)
 
 
 # ---------------------------------------------------------------------- references (the library)

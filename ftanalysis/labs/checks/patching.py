@@ -46,9 +46,10 @@ def perturbed_copy(model: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Mo
     return ft.eval()
 
 
-def _pair(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clean ids, corrupt ids (clean with one or two positions changed), answer and wrong token ids."""
-    g = seeded(1000 + case["seed"])
+def _pair(case: dict, seed_offset: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean ids, corrupt ids (clean with the case's ``corrupt_at`` positions changed), answer and wrong token ids,
+    drawn with seed ``seed_offset + case["seed"]``."""
+    g = seeded(seed_offset + case["seed"])
     clean = torch.randint(0, _VOCAB, (case["batch"], case["pos"]), generator=g)
     corrupt = clean.clone()
     for p in case["corrupt_at"]:
