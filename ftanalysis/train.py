@@ -278,6 +278,7 @@ def finetune(
     progress: bool = True,
     gradient_checkpointing: bool = False,
     bf16: bool | None = None,
+    fused_optimizer: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``task`` with ``method`` and return a :class:`FinetuneResult`.
 
@@ -321,7 +322,12 @@ def finetune(
         None: the forward pass runs under bf16 autocast on CUDA and in float32 elsewhere. True: bf16 autocast on
         CUDA or CPU (on CPU to check a GPU recipe's numerics; usually slower there); any other device, or a GPU
         without bfloat16, is a ``ValueError``. False: float32 everywhere. Parameters and optimiser state stay
-        float32 in every case. Both choices are recorded in ``result.extras``.
+        float32 in every case. These choices and ``fused_optimizer`` are recorded in ``result.extras``.
+    fused_optimizer : bool, default=False
+        PyTorch's fused AdamW (``torch.optim.AdamW(fused=True)``: one kernel for the whole update) instead of its
+        default multi-tensor one. The same update up to float rounding, not bit for bit; about 3x faster optimiser
+        steps on CPU for a 100M-parameter full fine-tune (SmolLM2), where the update is a fifth of the step. A
+        method without an optimiser (MeZO) refuses it.
 
     Raises
     ------
@@ -359,7 +365,7 @@ def finetune(
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", "finetune", 1)
         if checkpoint_dir is None:
             raise ValueError("finetune got checkpoint_every but no checkpoint_dir to write checkpoints into.")
-    for flag, value in (("resume", resume), ("copy", copy), ("progress", progress)):
+    for flag, value in (("resume", resume), ("copy", copy), ("progress", progress), ("fused_optimizer", fused_optimizer)):
         check_bool(value, flag, "finetune")
     if resume and checkpoint_dir is None:
         raise ValueError("finetune(resume=True) needs the checkpoint_dir of the interrupted run.")
@@ -404,7 +410,7 @@ def finetune(
         model = method.apply(model)
     model.to(device)
     model.train()
-    optimizer = method.make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    optimizer = method.make_optimizer(model, lr=lr, weight_decay=weight_decay, fused=fused_optimizer)
     trainable = method.trainable_count(model)
     total = sum(p.numel() for p in model.parameters())
 
@@ -483,7 +489,7 @@ def finetune(
         total_parameters=total,
         device=str(device),
         peak_memory_bytes=peak,
-        extras={"gradient_checkpointing": gradient_checkpointing, "bf16": use_bf16},
+        extras={"gradient_checkpointing": gradient_checkpointing, "bf16": use_bf16, "fused_optimizer": fused_optimizer},
         losses=losses,
         tokenizer=tok,
     )

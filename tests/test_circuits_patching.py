@@ -109,7 +109,7 @@ def test_batched_equals_one_forward_per_component_and_a_hand_written_patch(famil
     assert len(frame) == 48 and set(frame.columns) >= {"layer", "pos", "head", "effect"}
 
 
-@pytest.mark.parametrize("component", ["q", "k", "pattern", "attn_out", "mlp_out", "resid_mid", "resid_post"])
+@pytest.mark.parametrize("component", ["q", "k", "pattern", "result", "attn_out", "mlp_out", "resid_mid", "resid_post"])
 def test_batched_equals_loop_for_every_component(component):
     model = make_tiny("llama")
     clean, corrupt = pair(changed=(2,))
@@ -118,8 +118,20 @@ def test_batched_equals_loop_for_every_component(component):
     batched = activation_patching(model, clean, corrupt, metric, component=component, batch_size=7, **kwargs)
     loop = activation_patching(model, clean, corrupt, metric, component=component, method="loop", **kwargs)
     torch.testing.assert_close(batched.effect, loop.effect, atol=1e-6, rtol=0)
-    heads = {"k": 2, "q": 4, "pattern": 4}.get(component)  # key heads: n_kv_heads
+    heads = {"k": 2, "q": 4, "pattern": 4, "result": 4}.get(component)  # key heads: n_kv_heads
     assert batched.effect.shape == ((1, 2, heads) if heads else (1, 2))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("per_position", [True, False])
+def test_patching_a_heads_result_equals_patching_its_z(family, per_position):
+    # result_h = z_h W_O[h]: the output projection is linear and its bias is shared, so the two patches are one
+    model = make_tiny(family)
+    clean, corrupt = pair(changed=(1, 3))
+    z = activation_patching(model, clean, corrupt, metric_for(), component="z", per_position=per_position)
+    result = activation_patching(model, clean, corrupt, metric_for(), component="result", per_position=per_position)
+    assert result.effect.abs().max() > 0.01 and result.dims == z.dims
+    torch.testing.assert_close(result.effect, z.effect, atol=1e-4, rtol=0)  # float32: sum of head results vs one matmul
 
 
 def test_all_positions_at_once_and_aligned_positions():
@@ -256,3 +268,14 @@ def test_patching_from_a_late_position_raises_no_cache_deprecation_warning():
         warnings.simplefilter("always")
         activation_patching(base, clean, corrupt, metric, "z")
     assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attribution_patching_of_a_heads_result_equals_that_of_its_z(family):
+    # (r_clean - r_corrupt) . dm/dr = (z_clean - z_corrupt) W_O . dm/d(attn_out) = (z_clean - z_corrupt) . dm/dz
+    model = make_tiny(family)
+    clean, corrupt = pair(changed=(1, 3))
+    z = attribution_patching(model, clean, corrupt, metric_for(), component="z")
+    result = attribution_patching(model, clean, corrupt, metric_for(), component="result")
+    assert result.effect.abs().max() > 0.01 and result.effect.shape == z.effect.shape
+    torch.testing.assert_close(result.effect, z.effect, atol=1e-4, rtol=0)

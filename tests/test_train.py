@@ -232,6 +232,28 @@ def test_bf16_on_cpu_runs_under_autocast_and_is_recorded(small, tok):
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
 
 
+@pytest.mark.parametrize("method", [fta.methods.Full(), fta.methods.LoRA(r=2), fta.methods.LISA(n_layers=1, interval=2)],
+                         ids=["full", "lora", "lisa"])
+def test_fused_optimizer_takes_the_same_steps_up_to_rounding(small, tok, method):
+    task = fta.tasks.make("copy")
+    kwargs = dict(steps=4, lr=1e-3, batch_size=8, eval_n=16, seed=0, progress=False)
+    plain, fused = (fta.finetune(small, tok, task, method, fused_optimizer=flag, **kwargs) for flag in (False, True))
+    assert (plain.extras["fused_optimizer"], fused.extras["fused_optimizer"]) == (False, True)
+    assert fused.losses == pytest.approx(plain.losses, abs=1e-5)
+    for (name, a), b in zip(plain.merged_model().state_dict().items(), fused.merged_model().state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+    optimizer = method.make_optimizer(small, lr=1e-3, fused=True)
+    assert all(group["fused"] for group in optimizer.param_groups)
+
+
+def test_fused_optimizer_is_refused_by_a_method_without_one_and_must_be_a_bool(small, tok):
+    task = fta.tasks.make("copy")
+    with pytest.raises(ValueError, match="no AdamW to fuse"):
+        fta.finetune(small, tok, task, fta.methods.MeZO(), steps=1, batch_size=2, progress=False, fused_optimizer=True)
+    with pytest.raises(TypeError, match="fused_optimizer"):
+        fta.finetune(small, tok, task, steps=1, batch_size=2, progress=False, fused_optimizer="yes")
+
+
 def test_loss_curve_is_recorded_by_default_and_repr_is_short(small, tok):
     task = fta.tasks.make("copy")
     result = fta.finetune(small, tok, task, fta.methods.LoRA(r=2), steps=6, lr=5e-3, batch_size=4, seed=0, progress=False)

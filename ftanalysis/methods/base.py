@@ -111,15 +111,17 @@ class Method:
         Default: nothing. A method whose initialisation needs data (CorDA's calibration) reads it here.
         """
 
-    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer | None:
-        """AdamW over the trainable parameters (matrices decayed, vectors not)."""
+    def make_optimizer(
+        self, model: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = False
+    ) -> torch.optim.Optimizer | None:
+        """AdamW over the trainable parameters (matrices decayed, vectors not); ``fused``: PyTorch's fused kernel."""
         params = self.trainable_parameters(model)
         if not params:
             raise ValueError(f"{type(self).__name__} left no trainable parameter in the model.")
         decay = [p for _, p in params if p.ndim >= 2]
         no_decay = [p for _, p in params if p.ndim < 2]
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {}))
 
     def before_step(self, state) -> None:
         """Called before each step (e.g. to change which layers train)."""

@@ -28,13 +28,13 @@ from .base import Method
 from .sparse import EntryMaskedMethod, mix_seed, named_parameters
 
 
-def optimizer_over(method: Method, model: nn.Module, params: list[nn.Parameter], lr: float, weight_decay: float):
+def optimizer_over(method: Method, model: nn.Module, params: list[nn.Parameter], lr: float, weight_decay: float, fused: bool = False):
     """The method's default AdamW over ``params`` (all of them, whatever trains at step 0)."""
     before = [p.requires_grad for p in params]
     try:
         for p in params:
             p.requires_grad_(True)
-        return Method.make_optimizer(method, model, lr=lr, weight_decay=weight_decay)
+        return Method.make_optimizer(method, model, lr=lr, weight_decay=weight_decay, fused=fused)
     finally:
         for p, flag in zip(params, before):
             p.requires_grad_(flag)
@@ -145,14 +145,14 @@ class HFT(EntryMaskedMethod):
         self.frozen_ = sorted(frozen, key=view.matrix_names().index)
         self.stage_ = stage
 
-    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0):
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = False):
         view = ModelView(model)
         candidates = [p for p in model.parameters() if p.requires_grad]
         for name in view.matrix_names():
             module = view.module(name)
             candidates += [t for t in (module.weight, getattr(module, "bias", None)) if t is not None]
         unique = list({id(p): p for p in candidates}.values())
-        return optimizer_over(self, model, unique, lr, weight_decay)
+        return optimizer_over(self, model, unique, lr, weight_decay, fused)
 
     def before_step(self, state) -> None:
         stage = state.step // self.stage_steps if self.stage_steps else 0
@@ -235,8 +235,8 @@ class LISA(Method):
         self.active_layers_, self.period_ = layers, period
         self.history_.append({"step": step, "layers": layers})
 
-    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0):
-        return optimizer_over(self, model, list(model.parameters()), lr, weight_decay)
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = False):
+        return optimizer_over(self, model, list(model.parameters()), lr, weight_decay, fused)
 
     def before_step(self, state) -> None:
         period = state.step // self.interval

@@ -88,10 +88,12 @@ class MeZO(Method):
                 other.merge(model, copy=False)
 
     # ------------------------------------------------------------------ the step
-    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> None:
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = False) -> None:
         """No optimiser: the update is done in :meth:`training_step` (so no optimiser state in memory)."""
         if not self.trainable_parameters(model):
             raise ValueError("MeZO left no trainable parameter in the model.")
+        if fused:
+            raise ValueError("MeZO takes its own zeroth-order steps and has no AdamW to fuse: leave fused_optimizer False.")
         self.weight_decay_ = weight_decay
         return None
 

@@ -45,7 +45,7 @@ from ...nn.kv_cache import cache_kwarg, output_cache
 from ._common import as_ids, call_metric, check_head_indices, check_layers, check_pair, model_device
 from .hooks import ActivationCache, _view, act_name, hooks, run_with_cache, run_with_hooks
 
-PER_HEAD = ("z", "q", "k", "v", "pattern")
+PER_HEAD = ("z", "result", "q", "k", "v", "pattern")
 PER_LAYER = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 COMPONENTS = PER_HEAD + PER_LAYER
 
@@ -186,7 +186,9 @@ def activation_patching(
         ``metric(logits [batch, pos, vocab]) -> [batch]``: one scalar per example (see ``metrics.py``:
         ``logit_diff``, ``answer_logprob``). It is averaged over the examples.
     component : str, default="z"
-        ``"z"`` (a head's output, the input of the output projection), ``"q"``, ``"k"``, ``"v"``,
+        ``"z"`` (a head's output, the input of the output projection), ``"result"`` (a head's output written
+        into the residual stream, ``z`` through its columns of the output projection: the same effects as
+        ``"z"``, for TransformerLens users), ``"q"``, ``"k"``, ``"v"``,
         ``"pattern"`` (a head's attention row at one query position), or a per-layer activation
         ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``.
     layers, heads : list of int, optional
