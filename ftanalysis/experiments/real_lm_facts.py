@@ -55,6 +55,7 @@ class FactsRecipe:
     steps: int = 120
     batch_size: int = 16
     seed: int = 0
+    fused_optimizer: bool = False  # PyTorch's fused AdamW: the same steps up to rounding, a faster CPU update
 
     @property
     def name(self) -> str:
@@ -69,15 +70,17 @@ class FactsRecipe:
 
 # The six shipped LoRA runs: three ranks x two learning rates (the reference probe found intruders at 3e-3 only).
 LORA_RECIPES = tuple(FactsRecipe("lora", lr, r) for r in (1, 4, 8) for lr in (1e-3, 3e-3))
-# Full fine-tuning, trained in the notebook; 3e-5 learns the facts in 120 steps (reference probe).
-FULL_RECIPE = FactsRecipe("full", 3e-5)
+# Full fine-tuning, trained in the notebook; 3e-5 learns the facts in 120 steps (reference probe). Its AdamW update
+# of 107M parameters is a fifth of a CPU step; the fused kernel makes it about 3x faster (notebook 09's CI time).
+FULL_RECIPE = FactsRecipe("full", 3e-5, fused_optimizer=True)
 RECIPES = {recipe.name: recipe for recipe in (*LORA_RECIPES, FULL_RECIPE)}
 
 
 def train(recipe: FactsRecipe, model, tok, progress: bool = True, **kwargs):
     """``fta.finetune`` of ``recipe`` on the invented facts (a :class:`~ftanalysis.FinetuneResult`)."""
     return finetune(model, tok, facts_task(), recipe.make_method(), steps=recipe.steps, lr=recipe.lr,
-                    batch_size=recipe.batch_size, seed=recipe.seed, progress=progress, eval_n=64, **kwargs)
+                    batch_size=recipe.batch_size, seed=recipe.seed, fused_optimizer=recipe.fused_optimizer, progress=progress,
+                    eval_n=64, **kwargs)
 
 
 def evaluate(model, tok, retention: LMRetention, n: int = 200) -> dict:
