@@ -253,3 +253,51 @@ def test_entity_helpers_and_plots(tok):
     result = activation_patching(model, batch.ids[:2], corrupt.ids[:2], logit_diff(batch.answers[:2], corrupt.answers[:2]), layers=[1])
     assert isinstance(result.plot(), plt.Figure)
     plt.close("all")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("receiver_input", ["logits", "q", "k", "v"])
+def test_path_patching_skips_only_what_cannot_change(family, receiver_input, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("ftanalysis.probes.circuits.path_patching")  # the module, not the function
+
+    model = make_tiny(family)
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randint(3, 250, (3, 9), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 4] = torch.randint(3, 250, (3,), generator=g)  # nothing differs before position 4
+    receivers = None if receiver_input == "logits" else [(1, 0), (1, 2)]
+    kwargs = dict(receivers=receivers, receiver_input=receiver_input, batch_size=6, freeze_mlps=family == "gpt2")
+    if receiver_input != "logits":
+        kwargs["receiver_positions"] = [6, 8] if receiver_input == "q" else [5]
+    for sender_positions in (None, [8], [2]):  # everywhere, the last position only, only where nothing changed
+        reference = path_patching(model, clean, corrupt, METRIC, sender_positions=sender_positions, skip_unchanged=False, **kwargs)
+        starts = []
+        real = module._run_from
+        monkeypatch.setattr(module, "_run_from", lambda *a, **kw: starts.append((a[4], a[5])) or real(*a, **kw))
+        fast = path_patching(model, clean, corrupt, METRIC, sender_positions=sender_positions, **kwargs)
+        monkeypatch.setattr(module, "_run_from", real)
+        torch.testing.assert_close(fast.effect, reference.effect, atol=1e-5, rtol=0, equal_nan=True)
+        if sender_positions == [2]:
+            assert starts == [] and (fast.effect[~fast.effect.isnan()] == 0).all()  # no pass: nothing to carry
+        else:
+            assert starts and all(start >= (8 if sender_positions == [8] else 4) for start, _ in starts[:1])
+            if sender_positions is None:  # the layer-1 senders (to the logits) or the step-3 passes skip block 0
+                assert any(layer > 0 for _, layer in starts)
+
+
+def test_path_patching_with_receivers_in_several_layers_skips_exactly():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=64, vocab_size=300))
+    clean, corrupt = pair(seq=7)
+    receivers = [(1, 0), (3, 2)]  # senders in layers 1-2 reach only the layer-3 receiver
+    for receiver_input in ("q", "v"):
+        kwargs = dict(receivers=receivers, receiver_input=receiver_input, receiver_positions=[6], batch_size=6)
+        fast = path_patching(model, clean, corrupt, METRIC, **kwargs)
+        reference = path_patching(model, clean, corrupt, METRIC, skip_unchanged=False, **kwargs)
+        torch.testing.assert_close(fast.effect, reference.effect, atol=1e-5, rtol=0, equal_nan=True)
+        assert not fast.effect[:3].isnan().any() and fast.effect[3].isnan().all()

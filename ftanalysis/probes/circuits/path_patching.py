@@ -20,6 +20,17 @@ path to the logits, plus the paths through MLPs). The score is normalised as in 
 
 so 0 means "no effect through these receivers" and -1 means "this path alone carries the whole corruption";
 the important senders are the most negative.
+
+Savings, all exact (causality; ``skip_unchanged=False`` runs everything, the reference they are tested against):
+
+- a sender whose corrupted output equals its clean one at every sender position changes nothing: its patched
+  metric is the clean metric, with no forward pass (the positions before the first token where the prompts
+  differ are such positions);
+- steps 2 and 3 start at the first position where anything differs from the clean run, on the clean run's
+  key/value cache, and at the lowest patched layer, on the clean residual stream: the blocks below and the
+  positions before are the clean run's. Senders are grouped by layer and position so that a pass can skip.
+  Path patching to the logits at the last position (Wang et al.'s name movers) then runs one position per
+  copy instead of the whole prompt.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from tqdm.auto import tqdm
 from ..._validation import check_int, check_option
 from ._common import Head, as_ids, call_metric, check_heads, check_pair, model_device, position_mask
 from .hooks import _view, act_name, run_with_cache, run_with_hooks
-from .patching import eval_mode
+from .patching import _chunks, _CorruptRun, _skipping, eval_mode
 
 RECEIVER_INPUTS = ("q", "k", "v", "logits")
 
@@ -87,6 +98,7 @@ def path_patching(
     freeze_mlps: bool = False,
     normalize: bool = True,
     batch_size: int = 512,
+    skip_unchanged: bool = True,
     progress: bool = False,
 ) -> PathPatchingResult:
     """Score each sender head by its effect on the metric through the receivers' ``q``/``k``/``v`` (or the logits).
@@ -116,6 +128,12 @@ def path_patching(
         Report ``(patched - clean) / (clean - corrupt)``; with False, ``patched - clean``.
     batch_size : int, default=512
         Rows per forward pass (``batch_size // batch`` senders per pass).
+    skip_unchanged : bool, default=True
+        Skip what cannot differ from the clean run (senders whose output the corruption leaves unchanged, the
+        blocks below a pass's lowest sender or receiver, the positions before the first changed one). Exact;
+        False runs every sender over the whole model and prompt.
+    progress : bool, default=False
+        Show a tqdm bar over forward passes.
 
     Returns
     -------
@@ -157,8 +175,11 @@ def path_patching(
     layers = list(range(view.n_layers))
     z_names = [act_name("z", layer) for layer in layers]
     mlp_names = [act_name("mlp_out", layer) for layer in layers] if freeze_mlps else []
+    recv_layers = sorted({layer for layer, _ in receivers})
+    recv_names = [act_name(receiver_input, layer) for layer in recv_layers] if receivers else []
     with eval_mode(model), torch.no_grad():
-        clean_logits, clean_cache = run_with_cache(model, clean, names_filter=z_names + mlp_names)
+        clean_run = _CorruptRun.of(model, clean, z_names + mlp_names + recv_names, fast=skip_unchanged)
+        clean_logits, clean_cache = clean_run.logits, clean_run.cache
         corrupt_logits, corrupt_cache = run_with_cache(model, corrupt, names_filter=z_names)
         clean_metric = float(call_metric(metric, clean_logits, n, owner).mean())
         corrupt_metric = float(call_metric(metric, corrupt_logits, n, owner).mean())
@@ -167,10 +188,22 @@ def path_patching(
         scored = [s for s in senders if s[0] < deepest]
         patched = torch.full((view.n_layers, view.n_heads), float("nan"))
         k = max(1, batch_size // n)
-        for start in tqdm(range(0, len(scored), k), desc="path patching", disable=not progress):
-            chunk = scored[start : start + k]
-            values = _score_chunk(model, clean, chunk, receivers, receiver_input, clean_cache, corrupt_cache,
-                                  send_mask, recv_mask, freeze_mlps, metric, view, owner)
+        # per sender: the first position where its corrupted output differs from the clean one (None: nowhere)
+        first = {s: _first_change(clean_cache["z", s[0]][:, :, s[1]], corrupt_cache["z", s[0]][:, :, s[1]], send_mask)
+                 if skip_unchanged else 0 for s in scored}
+        order = [i for i, s in enumerate(scored) if first[s] is not None]
+        for s in scored:
+            if first[s] is None:  # the path carries nothing different: the clean run
+                patched[s] = clean_metric
+        if skip_unchanged:
+            order.sort(key=lambda i: (scored[i][0], -first[scored[i]]))  # by layer, latest first positions first
+        comps = [(layer, None, first[(layer, head)] or 0, head) for layer, head in scored]
+        chunks = _chunks(order, comps, k, span=max(1, seq // 4) if skip_unchanged else None)
+        for chunk_index in tqdm(chunks, desc="path patching", disable=not progress):
+            chunk = [scored[i] for i in chunk_index]
+            start = min(first[s] for s in chunk) if clean_run.past is not None and skip_unchanged else 0
+            values = _score_chunk(model, clean, chunk, receivers, receiver_input, clean_run, corrupt_cache,
+                                  send_mask, recv_mask, freeze_mlps, metric, view, owner, start, skip_unchanged)
             for (layer, head), value in zip(chunk, values):
                 patched[layer, head] = value
 
@@ -183,44 +216,86 @@ def path_patching(
     return PathPatchingResult(effect, patched, clean_metric, corrupt_metric, receivers, receiver_input)
 
 
-def _score_chunk(model, clean, chunk, receivers, receiver_input, clean_cache, corrupt_cache, send_mask, recv_mask,
-                 freeze_mlps, metric, view, owner) -> list[float]:
+def _first_change(clean_z: torch.Tensor, corrupt_z: torch.Tensor, send_mask: torch.Tensor) -> int | None:
+    """First position where a sender's corrupted output differs from its clean one at a sender position."""
+    changed = (clean_z != corrupt_z).flatten(2).any(-1) & send_mask  # [batch, pos]
+    where = changed.any(0).nonzero()
+    return int(where[0]) if len(where) else None
+
+
+def _run_from(model, clean_run: _CorruptRun, clean: torch.Tensor, k: int, start: int, first_layer: int, fwd_hooks, view,
+              names=None):
+    """The clean input repeated ``k`` times, run from position ``start`` (on the clean run's key/value cache) and
+    from block ``first_layer`` (on its residual stream), with ``fwd_hooks``; ``(logits of every position,
+    cache of names)``."""
+    from ...nn.kv_cache import cache_kwarg
+
+    kwargs = {cache_kwarg(model): clean_run.prefix_cache(start, k), "use_cache": True} if start else {}
+    resid = clean_run.cache["resid_pre", first_layer][:, start:].repeat(k, 1, 1) if first_layer else None
+    with _skipping(clean_run.blocks, first_layer, resid):
+        if names is None:
+            tail, cache = run_with_hooks(model, clean[:, start:].repeat(k, 1), fwd_hooks=fwd_hooks, view=view, **kwargs), None
+        else:
+            tail, cache = run_with_cache(model, clean[:, start:].repeat(k, 1), names_filter=names, fwd_hooks=fwd_hooks, view=view, **kwargs)
+    logits = torch.cat([clean_run.logits[:, :start].repeat(k, 1, 1), tail], dim=1) if start else tail
+    return logits, cache
+
+
+def _score_chunk(model, clean, chunk, receivers, receiver_input, clean_run, corrupt_cache, send_mask, recv_mask,
+                 freeze_mlps, metric, view, owner, start: int, skip: bool) -> list[float]:
+    """Steps 2 and 3 for ``len(chunk)`` senders at once, each in its own copy of the clean batch; the passes start
+    at position ``start`` (nothing differs before it) and, with ``skip``, at the lowest block that can differ."""
     k, n = len(chunk), clean.shape[0]
-    inputs = clean.repeat(k, 1)  # copy-major: rows [i * n, (i + 1) * n) are copy i
+    clean_cache = clean_run.cache
+    low = min(layer for layer, _ in chunk) if skip and clean_run.blocks is not None else 0
+    mask2 = send_mask[:, start:]
 
     # step 2: all heads frozen to clean, sender i corrupted at the sender positions in copy i
     def freeze(layer: int):
         senders_here = [(copy, head) for copy, (ly, head) in enumerate(chunk) if ly == layer]
-        clean_z, corrupt_z = clean_cache["z", layer], corrupt_cache["z", layer]  # [n, pos, head, d_head]
+        clean_z, corrupt_z = clean_cache["z", layer][:, start:], corrupt_cache["z", layer][:, start:]  # [n, pos, head, d_head]
 
         def hook(value, _point):
             v = einops.repeat(clean_z, "n p h d -> k n p h d", k=k).clone()
             for copy, head in senders_here:
-                v[copy][:, :, head] = torch.where(send_mask[..., None], corrupt_z[:, :, head], clean_z[:, :, head])
+                v[copy][:, :, head] = torch.where(mask2[..., None], corrupt_z[:, :, head], clean_z[:, :, head])
             return einops.rearrange(v, "k n p h d -> (k n) p h d")
 
         return hook
 
-    fwd_hooks = [(act_name("z", layer), freeze(layer)) for layer in range(view.n_layers)]
+    fwd_hooks = [(act_name("z", layer), freeze(layer)) for layer in range(low, view.n_layers)]
     if freeze_mlps:
-        for layer in range(view.n_layers):
-            frozen = clean_cache["mlp_out", layer].repeat(k, 1, 1)
+        for layer in range(low, view.n_layers):
+            frozen = clean_cache["mlp_out", layer][:, start:].repeat(k, 1, 1)
             fwd_hooks.append((act_name("mlp_out", layer), lambda value, point, frozen=frozen: frozen))
     if receiver_input == "logits":
-        logits = run_with_hooks(model, inputs, fwd_hooks=fwd_hooks, view=view)
+        logits, _ = _run_from(model, clean_run, clean, k, start, low, fwd_hooks, view)
         return [float(call_metric(metric, logits[i * n : (i + 1) * n], n, owner).mean()) for i in range(k)]
 
     recv_layers = sorted({layer for layer, _ in receivers})
     names = [act_name(receiver_input, layer) for layer in recv_layers]
-    _, recorded = run_with_cache(model, inputs, names_filter=names, fwd_hooks=fwd_hooks, view=view)
+    _, recorded = _run_from(model, clean_run, clean, k, start, low, fwd_hooks, view, names=names)
 
-    # step 3: clean run with only the receivers' inputs replaced by what step 2 recorded
+    # step 3: clean run with only the receivers' inputs replaced by what step 2 recorded; before `start` the
+    # recorded inputs are the clean ones, so the receivers change nothing there
+    changed = recv_mask.clone()
+    changed[:, :start] = False
+    where = changed.any(0).nonzero()
+    if not len(where):
+        return [float(call_metric(metric, clean_run.logits, n, owner).mean())] * k
+    start3 = int(where[0]) if skip and clean_run.past is not None else 0
+    low3 = min(recv_layers) if skip and clean_run.blocks is not None else 0
     group = view.n_heads // view.n_kv_heads if receiver_input in ("k", "v") else 1
-    mask = recv_mask.repeat(k, 1)[..., None]  # [k * n, pos, 1]
+    mask = recv_mask[:, start3:].repeat(k, 1)[..., None]  # [k * n, pos, 1]
 
     def receive(layer: int):
         heads = sorted({head // group for ly, head in receivers if ly == layer})
-        record = recorded[receiver_input, layer]
+        record = recorded[receiver_input, layer]  # [k * n, positions from `start`, ...]
+        if start3 < start:  # the positions in between hold the clean inputs (start3 = 0 without skipping)
+            before = clean_cache[receiver_input, layer][:, start3:start].repeat(k, 1, *[1] * (record.ndim - 2))
+            record = torch.cat([before, record], dim=1)
+        else:
+            record = record[:, start3 - start :]
 
         def hook(value, _point):
             v = value.clone()
@@ -230,5 +305,7 @@ def _score_chunk(model, clean, chunk, receivers, receiver_input, clean_cache, co
 
         return hook
 
-    logits = run_with_hooks(model, inputs, fwd_hooks=[(act_name(receiver_input, ly), receive(ly)) for ly in recv_layers], view=view)
+    # receivers below every sender of the chunk were not run in step 2 (skipped blocks): their inputs are clean
+    reached = [ly for ly in recv_layers if ly >= low]
+    logits, _ = _run_from(model, clean_run, clean, k, start3, low3, [(act_name(receiver_input, ly), receive(ly)) for ly in reached], view)
     return [float(call_metric(metric, logits[i * n : (i + 1) * n], n, owner).mean()) for i in range(k)]
