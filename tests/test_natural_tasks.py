@@ -17,7 +17,7 @@ import torch
 import ftanalysis as fta
 from ftanalysis.tasks import split_of
 from ftanalysis.tasks.box_tracking import HELDOUT_OBJECTS, LABELS, TRAIN_OBJECTS
-from ftanalysis.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
+from ftanalysis.tasks.ioi import NAMES, NEW_TEMPLATES, OBJECTS, PLACES, TEMPLATES
 from ftanalysis.tasks.natural import candidate_logits, is_single_token
 from ftanalysis.tasks.world_facts import INVENTED_RELATIONS, KNOWN_KEY, measure_known, world_facts
 
@@ -136,15 +136,21 @@ def test_digit_arithmetic_answers(op):
     assert fta.tasks.make("digit_arithmetic", op="*", digits=1).chance == pytest.approx(1 / 37)  # distinct products 0..81
 
 
-def test_ioi_structure_and_corruptions():
-    task = fta.tasks.make("ioi")
+@pytest.mark.parametrize("templates", ["wang", "new"])
+def test_ioi_structure_and_corruptions(templates):
+    task = fta.tasks.make("ioi", templates=templates)
     assert len(TEMPLATES) >= 8 and len(NAMES) >= 40 and len(set(NAMES)) == len(NAMES)
+    assert not set(TEMPLATES) & set(NEW_TEMPLATES)
     examples = task.examples(60)
-    assert {e.order for e in examples} == {"ABBA", "BABA"} and len({e.template for e in examples}) >= 8
+    assert {e.order for e in examples} == {"ABBA", "BABA"} and len({e.template for e in examples}) >= 7
+    assert {e.template for e in examples} <= set(TEMPLATES if templates == "wang" else NEW_TEMPLATES)
     for ex in examples:
         words = ex.prompt.split()
         assert ex.answer == " " + ex.io and ex.s1 == ex.s2 and ex.io != ex.s1
         assert sum(w.strip(",.") == ex.s1 for w in words) == 2 and sum(w.strip(",.") == ex.io for w in words) == 1
+        assert ("{D}" in ex.template) == bool(ex.distractor) and ex.distractor not in (ex.io, ex.s1)
+        assert "{" not in ex.prompt and (not ex.distractor or ex.distractor in words or ex.distractor + "," in words)
+        assert task.abc(ex).distractor == ex.distractor and task.abc(ex).s2 != ex.distractor
         parts = task.prompt_parts(ex)
         assert (parts["A"] == ex.io) == (ex.order == "ABBA")
         corrupt = task.abc(ex)
@@ -165,6 +171,7 @@ def test_ioi_structure_and_corruptions():
     ("name", "options", "match"),
     [
         ("ioi", {"order": "CAB"}, "'order'"),
+        ("ioi", {"templates": "gpt2"}, "'templates'"),
         ("world_facts", {"subset": "maybe"}, "'subset'"),
         ("world_facts", {"relations": ("currency",)}, "'relations'"),
         ("invented_facts", {"template": "other"}, "'template'"),
@@ -229,10 +236,11 @@ def test_required_pieces_are_one_token(smollm2):
             fta.tasks.make(name).check_tokenizer(tok)
 
 
-def test_abc_keeps_token_length_and_changes_only_s2(smollm2):
+@pytest.mark.parametrize("templates", ["wang", "new"])
+def test_abc_keeps_token_length_and_changes_only_s2(smollm2, templates):
     _, tok = smollm2
-    task = fta.tasks.make("ioi")
-    for ex in task.examples(20):
+    task = fta.tasks.make("ioi", templates=templates)
+    for ex in task.examples(40):
         clean, corrupt = tok(ex.prompt)["input_ids"], tok(task.abc(ex).prompt)["input_ids"]
         changed = [i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b]
         assert len(clean) == len(corrupt) and changed == [task.positions(ex, tok)["S2"]]
@@ -329,3 +337,17 @@ def test_digit_arithmetic_and_label_sentiment_keys(smollm2):
     if importlib.util.find_spec("vaderSentiment"):
         scores = fta.tasks.make("label_sentiment").evaluate(model, tok, n=8)
         assert BASE_KEYS | {"choice_accuracy"} <= set(scores) and scores["chance"] == 0.5
+
+
+def test_a_task_option_added_later_leaves_the_default_streams_unchanged():
+    # IOI's `templates` came after its streams were fixed: at its default the seed string is the one without it
+    import random
+
+    from ftanalysis.tasks.base import split_of
+    from ftanalysis.tasks.ioi import IOI
+
+    task = IOI(seed=3)
+    rng = random.Random("ioi|seed=3,order='both'|test|stream0/step0")  # the seed string before `templates` existed
+    expected = next(ex for ex in iter(lambda: task.sample(rng), None) if split_of(ex.prompt) == "test")
+    assert task.train_examples(1, 0, "test")[0] == expected
+    assert IOI(seed=3, templates="new").train_examples(1, 0, "test")[0].template in NEW_TEMPLATES

@@ -23,7 +23,7 @@ positions for a tokenizer.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -48,6 +48,19 @@ TEMPLATES = (
     "Afterwards, {A} and {B} went to the {place}. {S} gave a {object} to",
     "Then, {A} and {B} had a long argument. Afterwards {S} said to",
 )
+# The same structure in other words, none of them Wang et al.'s, three with a distractor name D (neither IO nor S):
+# for fine-tuning on the mechanism without IOI's own templates (notebook 10). None starts with a name (a first word
+# has no leading space, so it would be another token).
+NEW_TEMPLATES = (
+    "At the {place}, {A} and {B} talked for an hour. Then {S} handed a {object} to",
+    "On Sunday {A} and {B} met at the {place}, and {S} passed a {object} to",
+    "Before {A} and {B} left the {place}, {S} sent a {object} to",
+    "Once {A} and {B} reached the {place}, {S} showed the {object} to",
+    "While {D} stayed at home, {A} and {B} went to the {place}, and {S} brought a {object} to",
+    "Although {D} was busy, {A} and {B} cleaned the {place}. Later {S} threw a {object} to",
+    "After a call from {D}, {A} and {B} walked to the {place}, where {S} offered a {object} to",
+)
+TEMPLATE_SETS = {"wang": TEMPLATES, "new": NEW_TEMPLATES}
 # Left out of Wang et al.'s list: "Friends {A} and {B} found a {object} at the {place}. {S} gave it to", which
 # SmolLM2-135M answers with S in ABBA order (mean IO - S logit difference -3.0 over 6 prompts, measured).
 # Common first names, each one token with a leading space in SmolLM2's tokenizer (checked by the tests);
@@ -78,16 +91,18 @@ class IOIExample(Example):
     io: str = ""
     s1: str = ""
     s2: str = ""
+    distractor: str = ""  # the name D of a template with a distractor ("" in the others)
     template: str = ""
     order: str = ""
     place: str = ""
     object: str = ""
 
 
-def _build(template: str, first: str, second: str, s2: str, io: str, s1: str, place: str, obj: str) -> IOIExample:
-    prompt = template.format(A=first, B=second, S=s2, place=place, object=obj)
+def _build(template: str, first: str, second: str, s2: str, io: str, s1: str, place: str, obj: str, d: str = "") -> IOIExample:
+    prompt = template.format(A=first, B=second, S=s2, place=place, object=obj, D=d)
     order = "ABBA" if first == io else "BABA"
-    return IOIExample(prompt=prompt, answer=" " + io, io=io, s1=s1, s2=s2, template=template, order=order, place=place, object=obj)
+    return IOIExample(prompt=prompt, answer=" " + io, io=io, s1=s1, s2=s2, template=template, order=order, place=place,
+                      object=obj, distractor=d)
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,9 @@ class IOI(NaturalTask):
     order : {"both", "ABBA", "BABA"}, default="both"
         Name order in the first clause: ABBA puts IO first ("When Mary and John ..., John ..."), BABA puts S
         first. Wang et al. report both; models are often better at one of them.
+    templates : {"wang", "new"}, default="wang"
+        Wang et al.'s 13 templates, or 7 others of the same structure (:data:`NEW_TEMPLATES`, three of them with a
+        distractor name that is neither IO nor S), to train on the mechanism without IOI's own wording.
     seed : int, default=0
         Seed of the example streams.
 
@@ -124,12 +142,14 @@ class IOI(NaturalTask):
     """
 
     order: str = "both"
+    templates: str = field(default="wang", metadata={"seed_omits_default": True})  # Wang et al.'s streams unchanged
 
     name: ClassVar[str] = "ioi"
     choice_key: ClassVar[str] = "ioi_accuracy"
 
     def __post_init__(self):
         check_option(self.order, "order", "IOI", ORDERS)
+        check_option(self.templates, "templates", "IOI", tuple(TEMPLATE_SETS))
 
     @property
     def chance(self) -> float:
@@ -139,12 +159,13 @@ class IOI(NaturalTask):
         return {" " + w for w in NAMES + PLACES + OBJECTS}
 
     def sample(self, rng: random.Random) -> IOIExample:
-        template = rng.choice(TEMPLATES)
+        template = rng.choice(TEMPLATE_SETS[self.templates])
         order = rng.choice(("ABBA", "BABA")) if self.order == "both" else self.order
         io, s = rng.sample(NAMES, 2)
         place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
         first, second = (io, s) if order == "ABBA" else (s, io)
-        return _build(template, first, second, s, io, s, place, obj)
+        d = rng.choice([n for n in NAMES if n not in (io, s)]) if "{D}" in template else ""  # Wang's streams unchanged
+        return _build(template, first, second, s, io, s, place, obj, d)
 
     def sample_structured(self, rng: random.Random) -> IOIExample:
         """Same as :meth:`sample` (an :class:`IOIExample` carries its structure)."""
@@ -186,22 +207,22 @@ class IOI(NaturalTask):
         """
         ex = self._check(example)
         rng = rng or random.Random(f"ioi-abc|{self.seed}|{ex.prompt}")
-        c = rng.choice([n for n in NAMES if n not in (ex.io, ex.s1, ex.s2)])
+        c = rng.choice([n for n in NAMES if n not in (ex.io, ex.s1, ex.s2, ex.distractor)])
         first, second = self._pair(ex)
-        return _build(ex.template, first, second, c, ex.io, ex.s1, ex.place, ex.object)
+        return _build(ex.template, first, second, c, ex.io, ex.s1, ex.place, ex.object, ex.distractor)
 
     def swap_names(self, example: IOIExample) -> IOIExample:
         """IO and S exchanged everywhere: the same template and order, with the answer flipped to the old S."""
         ex = self._check(example)
         swap = {ex.io: ex.s1, ex.s1: ex.io}
         first, second = self._pair(ex)
-        return _build(ex.template, swap[first], swap[second], swap.get(ex.s2, ex.s2), ex.s1, ex.io, ex.place, ex.object)
+        return _build(ex.template, swap[first], swap[second], swap.get(ex.s2, ex.s2), ex.s1, ex.io, ex.place, ex.object, ex.distractor)
 
     def s2_swap(self, example: IOIExample) -> IOIExample:
         """Only S2 replaced by IO: the first clause is unchanged, the answer flips to the old S (order flips)."""
         ex = self._check(example)
         first, second = self._pair(ex)
-        return _build(ex.template, first, second, ex.io, ex.s1, ex.io, ex.place, ex.object)
+        return _build(ex.template, first, second, ex.io, ex.s1, ex.io, ex.place, ex.object, ex.distractor)
 
     def positions(self, example: IOIExample, tok) -> dict[str, int]:
         """Token positions of ``IO``, ``S1``, ``S2`` and ``end`` (the last prompt token) in ``tok(prompt)``."""
