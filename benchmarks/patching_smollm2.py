@@ -89,7 +89,7 @@ def nnsight_run(model, tok, clean, corrupt, metric, layers, positions=None, per_
                     outputs.append(wrapped.output.logits.save())
             else:
                 with wrapped.trace() as tracer:
-                    for i, j, layer, pos, head in chunk:
+                    for _i, _j, layer, pos, head in chunk:
                         rows, cols = (slice(None) if pos is None else slice(pos, pos + 1)), slice(head * dh, (head + 1) * dh)
                         with tracer.invoke(corrupt):
                             wrapped.model.layers[layer].self_attn.o_proj.input[:, rows, cols] = saved[layer][:, rows, cols]
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
             runs["nnsight 0.8 (one trace per component)"] = 1
         for label, k in runs.items():
             try:
-                effect, wall, cpu = timed(lambda: nnsight_run(model, tok, clean, corrupt, metric, layers, positions, per_trace=k))
+                effect, wall, cpu = timed(lambda k=k: nnsight_run(model, tok, clean, corrupt, metric, layers, positions, per_trace=k))
             except ImportError:
                 print("nnsight is not installed: pip install nnsight==0.8.1")
                 break

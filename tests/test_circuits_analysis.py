@@ -275,7 +275,7 @@ def test_path_patching_skips_only_what_cannot_change(family, receiver_input, mon
         reference = path_patching(model, clean, corrupt, METRIC, sender_positions=sender_positions, skip_unchanged=False, **kwargs)
         starts = []
         real = module._run_from
-        monkeypatch.setattr(module, "_run_from", lambda *a, **kw: starts.append((a[4], a[5])) or real(*a, **kw))
+        monkeypatch.setattr(module, "_run_from", lambda *a, starts=starts, real=real, **kw: starts.append((a[4], a[5])) or real(*a, **kw))
         fast = path_patching(model, clean, corrupt, METRIC, sender_positions=sender_positions, **kwargs)
         monkeypatch.setattr(module, "_run_from", real)
         torch.testing.assert_close(fast.effect, reference.effect, atol=1e-5, rtol=0, equal_nan=True)

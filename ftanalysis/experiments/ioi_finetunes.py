@@ -23,16 +23,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from .. import methods, zoo
 from ..methods.peft_io import load_peft
 from ..tasks import make
 from ..train import finetune
-from .real_lm_facts import SHIPPED_DIR, save_adapter
+from .real_lm_facts import SHIPPED_DIR, card_header, load_shipped_adapter, save_adapter
 
 BASE = "smollm2-135m"
 
@@ -94,15 +92,7 @@ def make_finetune(recipe: IOIRecipe, out: Path, progress: bool = True) -> Path:
     save_adapter(result, tmp)
     merged = load_peft(model, tmp)
     card = {
-        "name": recipe.name,
-        "base": BASE,
-        "base_gguf_sha256": zoo.smollm2.GGUF_SHA256,
-        "recipe": asdict(recipe),
-        "training_task": repr(recipe.make_task()),
-        "seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "train_loss_last": round(float(result.history["train_loss"].iloc[-1]), 4),
+        **card_header(recipe.name, recipe, recipe.make_task(), seconds, result),
         "evaluation": {"base": evaluate(model, tok), "finetuned": evaluate(merged, tok)},
         "rebuild": f"python -m ftanalysis.experiments.ioi_finetunes --recipes {recipe.name} --out "
                    f"{'data/finetuned' if Path(out).resolve() == SHIPPED_DIR else out}",
@@ -121,13 +111,7 @@ def load_finetuned(name: str, base=None, root: str | Path | None = None):
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown IOI fine-tune {name!r}. Known: {sorted(RECIPES)}.")
-    folder = Path(root or os.environ.get("FTA_FINETUNED_DIR") or SHIPPED_DIR) / name
-    if not (folder / "card.json").is_file():
-        raise FileNotFoundError(f"No shipped fine-tune {name!r} in {folder.parent}. Build it with: "
-                                f"python -m ftanalysis.experiments.ioi_finetunes --recipes {name}")
-    if base is None:
-        base, _ = zoo.load(BASE)
-    return load_peft(base, folder).eval(), json.loads((folder / "card.json").read_text())
+    return load_shipped_adapter(name, base, root, rebuild=__name__)
 
 
 def main(argv=None) -> None:

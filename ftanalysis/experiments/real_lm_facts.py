@@ -101,6 +101,21 @@ def save_adapter(result, folder: Path, dtype: torch.dtype = torch.float16) -> Pa
     return folder
 
 
+def card_header(name: str, recipe, task, seconds: float, result) -> dict:
+    """The fields every shipped SmolLM2 adapter's ``card.json`` starts with: what was trained, on what, how long."""
+    return {
+        "name": name,
+        "base": BASE,
+        "base_gguf_sha256": zoo.smollm2.GGUF_SHA256,
+        "recipe": asdict(recipe),
+        "training_task": repr(task),
+        "seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "train_loss_last": round(float(result.history["train_loss"].iloc[-1]), 4),
+    }
+
+
 def make_finetune(recipe: FactsRecipe, out: Path, progress: bool = True) -> Path:
     """Train a LoRA recipe, save its adapter to ``out / recipe.name`` with a card, and return the folder.
 
@@ -119,15 +134,7 @@ def make_finetune(recipe: FactsRecipe, out: Path, progress: bool = True) -> Path
     retention = LMRetention(model, tok)
     merged = load_peft(model, tmp)
     card = {
-        "name": recipe.name,
-        "base": BASE,
-        "base_gguf_sha256": zoo.smollm2.GGUF_SHA256,
-        "recipe": asdict(recipe),
-        "training_task": repr(facts_task()),
-        "seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "train_loss_last": round(float(result.history["train_loss"].iloc[-1]), 4),
+        **card_header(recipe.name, recipe, facts_task(), seconds, result),
         "evaluation": {"base": evaluate(model, tok, retention), "finetuned": evaluate(merged, tok, retention)},
         "rebuild": f"python -m ftanalysis.experiments.real_lm_facts --recipes {recipe.name} --out {_shown(out)}",
     }
@@ -145,8 +152,9 @@ def _shown(out: Path) -> str:
     return "data/finetuned" if Path(out).resolve() == SHIPPED_DIR else str(out)
 
 
-def load_finetuned(name: str, base=None, root: str | Path | None = None):
-    """``(merged_model, card)`` of a shipped SmolLM2 adapter, merged into ``base`` (default: a fresh load).
+def load_shipped_adapter(name: str, base=None, root: str | Path | None = None, rebuild: str = __name__):
+    """``(merged_model, card)`` of the shipped SmolLM2 PEFT adapter ``root / name``, merged into a copy of ``base``
+    (default: a fresh load); ``rebuild`` is the module whose ``--recipes NAME`` builds it, named in the error.
 
     ``root`` defaults to ``$FTA_FINETUNED_DIR`` if set, else ``data/finetuned`` of the source checkout.
     """
@@ -155,10 +163,16 @@ def load_finetuned(name: str, base=None, root: str | Path | None = None):
     if not (folder / "card.json").is_file():
         shipped = sorted(p.name for p in root.glob("smollm2-*")) if root.is_dir() else []
         raise FileNotFoundError(f"No shipped SmolLM2 fine-tune {name!r} in {root}. Shipped: {shipped}. "
-                                f"Build it with: python -m ftanalysis.experiments.real_lm_facts --recipes {name}")
+                                f"Build it with: python -m {rebuild} --recipes {name}")
     if base is None:
         base, _ = zoo.load(BASE)
     return load_peft(base, folder).eval(), json.loads((folder / "card.json").read_text())
+
+
+def load_finetuned(name: str, base=None, root: str | Path | None = None):
+    """``(merged_model, card)`` of a shipped SmolLM2 adapter of notebook 09, merged into ``base`` (default: a fresh
+    load); ``root`` as in :func:`load_shipped_adapter`."""
+    return load_shipped_adapter(name, base, root)
 
 
 def main(argv=None) -> None:
