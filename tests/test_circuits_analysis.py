@@ -278,7 +278,8 @@ def test_path_patching_skips_only_what_cannot_change(family, receiver_input, mon
         monkeypatch.setattr(module, "_run_from", lambda *a, starts=starts, real=real, **kw: starts.append((a[4], a[5])) or real(*a, **kw))
         fast = path_patching(model, clean, corrupt, METRIC, sender_positions=sender_positions, **kwargs)
         monkeypatch.setattr(module, "_run_from", real)
-        torch.testing.assert_close(fast.effect, reference.effect, atol=1e-5, rtol=0, equal_nan=True)
+        # float32: the clean run with a key/value cache and without one differ in the last bits (1e-5 with 2 threads)
+        torch.testing.assert_close(fast.effect, reference.effect, atol=1e-4, rtol=0, equal_nan=True)
         if sender_positions == [2]:
             assert starts == [] and (fast.effect[~fast.effect.isnan()] == 0).all()  # no pass: nothing to carry
         else:
@@ -299,5 +300,6 @@ def test_path_patching_with_receivers_in_several_layers_skips_exactly():
         kwargs = dict(receivers=receivers, receiver_input=receiver_input, receiver_positions=[6], batch_size=6)
         fast = path_patching(model, clean, corrupt, METRIC, **kwargs)
         reference = path_patching(model, clean, corrupt, METRIC, skip_unchanged=False, **kwargs)
-        torch.testing.assert_close(fast.effect, reference.effect, atol=1e-5, rtol=0, equal_nan=True)
+        # float32: the clean run with a key/value cache and without one differ in the last bits (1e-5 with 2 threads)
+        torch.testing.assert_close(fast.effect, reference.effect, atol=1e-4, rtol=0, equal_nan=True)
         assert not fast.effect[:3].isnan().any() and fast.effect[3].isnan().all()
