@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..._validation import check_int, check_option
+from ...nn.kv_cache import cache_kwarg
 from ._common import Head, as_ids, call_metric, check_heads, check_pair, model_device, position_mask
 from .hooks import _view, act_name, run_with_cache, run_with_hooks
 from .patching import _chunks, _CorruptRun, _skipping, eval_mode
@@ -228,8 +229,6 @@ def _run_from(model, clean_run: _CorruptRun, clean: torch.Tensor, k: int, start:
     """The clean input repeated ``k`` times, run from position ``start`` (on the clean run's key/value cache) and
     from block ``first_layer`` (on its residual stream), with ``fwd_hooks``; ``(logits of every position,
     cache of names)``."""
-    from ...nn.kv_cache import cache_kwarg
-
     kwargs = {cache_kwarg(model): clean_run.prefix_cache(start, k), "use_cache": True} if start else {}
     resid = clean_run.cache["resid_pre", first_layer][:, start:].repeat(k, 1, 1) if first_layer else None
     with _skipping(clean_run.blocks, first_layer, resid):
@@ -249,6 +248,15 @@ def _score_chunk(model, clean, chunk, receivers, receiver_input, clean_run, corr
     clean_cache = clean_run.cache
     low = min(layer for layer, _ in chunk) if skip and clean_run.blocks is not None else 0
     mask2 = send_mask[:, start:]
+
+    # the receivers' inputs can differ from the clean ones only from `start` on: patched nowhere there, the path
+    # carries nothing, and neither step runs
+    if receiver_input != "logits":
+        changed = recv_mask.clone()
+        changed[:, :start] = False
+        where = changed.any(0).nonzero()
+        if not len(where):
+            return [float(call_metric(metric, clean_run.logits, n, owner).mean())] * k
 
     # step 2: all heads frozen to clean, sender i corrupted at the sender positions in copy i
     def freeze(layer: int):
@@ -278,11 +286,6 @@ def _score_chunk(model, clean, chunk, receivers, receiver_input, clean_run, corr
 
     # step 3: clean run with only the receivers' inputs replaced by what step 2 recorded; before `start` the
     # recorded inputs are the clean ones, so the receivers change nothing there
-    changed = recv_mask.clone()
-    changed[:, :start] = False
-    where = changed.any(0).nonzero()
-    if not len(where):
-        return [float(call_metric(metric, clean_run.logits, n, owner).mean())] * k
     start3 = int(where[0]) if skip and clean_run.past is not None else 0
     low3 = min(recv_layers) if skip and clean_run.blocks is not None else 0
     group = view.n_heads // view.n_kv_heads if receiver_input in ("k", "v") else 1
